@@ -1,0 +1,192 @@
+"""The decoder: embedding, a scanned stack of blocks, final norm, LM head; three entry points.
+
+- `forward`: full-sequence logits (training, scoring), with optional packed-segment masking.
+- `prefill`: runs prompt tokens, writes their keys/values into the paged KV cache, returns the
+  logits at one chosen position per sequence.
+- `decode_step`: one token per sequence against the cache.
+All three are pure functions of (model, params, inputs[, cache]) and jit cleanly; the cache goes in
+and comes out (donate it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
+                          LENGTH, VOCAB, Block, RMSNorm, constrain, param_with_axes)
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Paged keys and values of every layer: [layers, kv_heads, num_pages, page_size, head_dim].
+
+    Page 0 is reserved as the sink for padding tokens; allocators hand out pages 1..num_pages-1.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    AXES = (LAYERS, KV_HEADS, CACHE_PAGES, CACHE_PAGE_SLOT, HEAD_DIM)
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @classmethod
+    def shape(cls, config: ModelConfig, num_pages: int, page_size: int):
+        return (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
+              sharding=None) -> "KVCache":
+        shape = cls.shape(config, num_pages, page_size)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return cls(k=make(), v=make())
+
+    def bytes(self) -> int:
+        return 2 * self.k.size * self.k.dtype.itemsize
+
+
+class Decoder(nn.Module):
+    """A Llama-family decoder-only transformer.
+
+    dtype: compute dtype of activations and matmuls; param_dtype: storage dtype of parameters.
+    attention_impl: "auto" | "xla" | "pallas" | "pallas_interpret" (see model.kernels).
+    remat_policy: a key of REMAT_POLICIES; activation checkpointing per block for training.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, *, segment_ids_bt=None, cache: KVCache | None = None,
+                 page_table=None, kv_lens=None, logits_at=None, return_hidden=False):
+        """Logits [B, T, V] (or [B, V] at index logits_at[b] of each row), and the new cache.
+
+        tokens_bt, positions_bt: int32 [B, T]. segment_ids_bt: int32 [B, T] for packed sequences
+        (tokens attend only within their segment), forward only. With a cache, page_table
+        [B, pages_per_seq] and kv_lens [B] (valid tokens per sequence after this call) are needed.
+        """
+        cfg = self.config
+        embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
+                                    (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), self.param_dtype)
+        x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
+        x_btd = constrain(x_btd, (BATCH, LENGTH, EMBED))
+
+        block = Block
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")
+        kv = None if cache is None else (cache.k, cache.v)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_btd, kv), _ = stack((x_btd, kv), layer_ids, positions_bt, segment_ids_bt, page_table,
+                               kv_lens)
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1])
+
+        x_btd = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x_btd)
+        if logits_at is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_at[:, None, None], axis=1)
+        if return_hidden:
+            return x_btd, new_cache
+        if cfg.tie_embeddings:
+            head_dv = embedding.T
+        else:
+            head_dv = param_with_axes(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
+                                      (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB),
+                                      self.param_dtype)
+        logits = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, (BATCH, LENGTH, VOCAB))
+        if logits_at is not None:
+            logits = logits[:, 0]
+        return logits, new_cache
+
+
+def default_positions(tokens_bt):
+    return jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+
+
+def forward(model: Decoder, params, tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """Full-sequence logits [B, T, vocab] in float32."""
+    if positions_bt is None:
+        positions_bt = default_positions(tokens_bt)
+    logits, _ = model.apply({"params": params}, tokens_bt, positions_bt,
+                            segment_ids_bt=segment_ids_bt)
+    return logits
+
+
+def prefill(model: Decoder, params, tokens_bt, positions_bt, cache: KVCache, page_table, kv_lens,
+            logits_at):
+    """Write the keys/values of tokens_bt into the cache; logits [B, vocab] at logits_at [B].
+
+    positions_bt may start past 0 (chunked prefill continues a sequence). Right padding is allowed:
+    tokens at positions >= kv_lens[b] are not stored and are not attended to.
+    """
+    return model.apply({"params": params}, tokens_bt, positions_bt, cache=cache,
+                       page_table=page_table, kv_lens=kv_lens, logits_at=logits_at)
+
+
+def decode_step(model: Decoder, params, tokens_b, positions_b, cache: KVCache, page_table,
+                kv_lens=None):
+    """One token per sequence: logits [B, vocab] and the updated cache."""
+    if kv_lens is None:
+        kv_lens = positions_b + 1
+    zeros = jnp.zeros_like(tokens_b)
+    return model.apply({"params": params}, tokens_b[:, None], positions_b[:, None], cache=cache,
+                       page_table=page_table, kv_lens=kv_lens, logits_at=zeros)
+
+
+def abstract_params(model: Decoder):
+    """The parameter tree as ShapeDtypeStructs wrapped in nn.LogicallyPartitioned (no compute).
+
+    This one tree drives initialization, shardings and weight loading.
+    """
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, default_positions(t)),
+                               tokens)
+    return variables["params"]
+
+
+def logical_axes(model: Decoder):
+    """A tree like the params whose leaves are tuples of logical axis names."""
+    boxed = abstract_params(model)
+    return jax.tree.map(lambda p: p.names, boxed,
+                        is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
+
+
+def init_params(model: Decoder, rng, shardings=None):
+    """Random parameters (unboxed), placed with `shardings` when given."""
+    def init():
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(model.init(rng, tokens, default_positions(tokens))["params"])
+    return jax.jit(init, out_shardings=shardings)()

@@ -1,0 +1,50 @@
+"""Attention dispatch: the one place the model and the engine call attention through.
+
+`impl` is "auto" | "xla" | "pallas" | "pallas_interpret". "auto" picks Pallas on GPU/TPU and the
+XLA reference on CPU. Dispatch happens in Python at trace time (not with lax.platform_dependent),
+so a program exported for several platforms contains exactly one backend.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from model.kernels.reference import attention_reference, paged_attention_reference
+
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """Map "auto" to a concrete backend for `platform` (default: JAX's default backend)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
+
+
+def attention(q, k, v, q_pos, kv_pos, *, impl="xla", platform=None, causal=True,
+              sliding_window=None, q_segment_ids=None, kv_segment_ids=None, logit_softcap=None,
+              scale=None):
+    """Self-attention over a whole sequence (training, scoring). See reference.py for shapes."""
+    impl = resolve_impl(impl, platform)
+    kwargs = dict(causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
+                  kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap, scale=scale)
+    if impl == "xla":
+        return attention_reference(q, k, v, q_pos, kv_pos, **kwargs)
+    from model.kernels.flash_attention import flash_attention
+    return flash_attention(q, k, v, q_pos, kv_pos, interpret=impl == "pallas_interpret",
+                           platform=platform, **kwargs)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, impl="xla",
+                    platform=None, sliding_window=None, logit_softcap=None, scale=None):
+    """Queries of many sequences against the paged KV cache (decode and chunked prefill)."""
+    impl = resolve_impl(impl, platform)
+    kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    if impl == "xla":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, q_pos, kv_lens, **kwargs)
+    from model.kernels.paged_attention import ragged_paged_attention
+    return ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens,
+                                  interpret=impl == "pallas_interpret", platform=platform, **kwargs)

@@ -1,0 +1,92 @@
+"""Plain jnp attention: the reference every kernel is checked against, and the XLA backend.
+
+Shapes (logical names in brackets):
+  q            [batch, q_len, heads, head_dim]
+  k, v         [batch, kv_len, kv_heads, head_dim]        (dense form)
+  k/v_pages    [kv_heads, num_pages, page_size, head_dim]  (paged form, one layer)
+  page_table   [batch, pages_per_seq] int32: page ids of each sequence, in order
+GQA is computed by grouping query heads ([kv_heads, group]) so K/V are never repeated in memory.
+Scores and softmax are always float32; the output has q's dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Large negative instead of -inf so that a fully masked row gives zeros, not NaN.
+_MASKED = -1e30
+
+
+def attention_mask(q_pos, kv_pos, *, causal=True, sliding_window=None, q_segment_ids=None,
+                   kv_segment_ids=None, kv_valid=None):
+    """Boolean mask [batch, q_len, kv_len]: may query t attend to key s?
+
+    q_pos [B, T] and kv_pos [B, S] are absolute token positions. A key is visible when it is not
+    in the future (causal), within `sliding_window` tokens (q_pos - kv_pos < window), in the same
+    packed segment, and valid (kv_valid [B, S], e.g. written cache slots).
+    """
+    qp = q_pos[:, :, None]
+    kp = kv_pos[:, None, :]
+    mask = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), dtype=bool)
+    if causal:
+        mask &= kp <= qp
+    if sliding_window is not None:
+        mask &= (qp - kp) < sliding_window
+    if q_segment_ids is not None:
+        mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask
+
+
+def attention_reference(q, k, v, q_pos, kv_pos, *, causal=True, sliding_window=None,
+                        q_segment_ids=None, kv_segment_ids=None, kv_valid=None,
+                        logit_softcap=None, scale=None):
+    """softmax(q k^T * scale + mask) v with GQA; returns [batch, q_len, heads, head_dim]."""
+    b, t, n, h = q.shape
+    kvh = k.shape[2]
+    g = n // kvh
+    scale = h ** -0.5 if scale is None else scale
+    q_btkgh = q.reshape(b, t, kvh, g, h)
+    s_bkgts = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, k,
+                         preferred_element_type=jnp.float32) * scale
+    if logit_softcap is not None:
+        s_bkgts = logit_softcap * jnp.tanh(s_bkgts / logit_softcap)
+    mask_bts = attention_mask(q_pos, kv_pos, causal=causal, sliding_window=sliding_window,
+                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                              kv_valid=kv_valid)
+    mask = mask_bts[:, None, None]
+    s_bkgts = jnp.where(mask, s_bkgts, _MASKED)
+    p_bkgts = jax.nn.softmax(s_bkgts, axis=-1)
+    # Rows with no visible key (padding queries, empty sequences) output zeros.
+    p_bkgts = jnp.where(mask.any(axis=-1, keepdims=True), p_bkgts, 0.0)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p_bkgts.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def gather_pages(pages, page_table):
+    """[kv_heads, num_pages, page_size, head_dim] x [B, P] -> [B, P * page_size, kv_heads, head_dim]."""
+    kvh, _, page_size, h = pages.shape
+    b, p = page_table.shape
+    g = pages[:, page_table]  # [kv_heads, B, P, page_size, head_dim]
+    return g.transpose(1, 2, 3, 0, 4).reshape(b, p * page_size, kvh, h)
+
+
+def paged_attention_reference(q, k_pages, v_pages, page_table, q_pos, kv_lens, *,
+                              sliding_window=None, logit_softcap=None, scale=None):
+    """Causal attention of queries against a paged KV cache.
+
+    q [B, T, N, H] holds T query tokens per sequence at absolute positions q_pos [B, T] (T = 1 for
+    decode, > 1 for (chunked) prefill). Key j of sequence b is cache slot j of that sequence
+    (page page_table[b, j // page_size], row j % page_size); it is visible when j < kv_lens[b]
+    and j <= q_pos[b, t] (and within the sliding window). Returns [B, T, N, H].
+    """
+    k = gather_pages(k_pages, page_table)
+    v = gather_pages(v_pages, page_table)
+    s = k.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (q.shape[0], s))
+    kv_valid = kv_pos < kv_lens[:, None]
+    return attention_reference(q, k, v, q_pos, kv_pos, causal=True, sliding_window=sliding_window,
+                               kv_valid=kv_valid, logit_softcap=logit_softcap, scale=scale)

@@ -1,0 +1,98 @@
+"""Token sampling on device, vectorized over a batch with per-row parameters.
+
+Every row has its own temperature, top-k, top-p, min-p and seed. A row's random key depends only
+on its seed and the position of the token being sampled, so the same seed gives the same output
+whatever else is in the batch. Temperature 0 is greedy (argmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SamplingError(ValueError):
+    """Sampling parameters out of range; the message names the parameter and its limits."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (host side)."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0            # 0 = off
+    top_p: float = 1.0        # 1 = off
+    min_p: float = 0.0        # 0 = off
+    seed: int | None = None   # None: derived from the request id
+
+    def validate(self) -> "SamplingParams":
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
+            raise SamplingError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise SamplingError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise SamplingError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        return self
+
+
+@flax.struct.dataclass
+class SamplingTensors:
+    """Device-side per-row parameters, each [batch]."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    seed: jax.Array
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], batch: int, default_seeds) -> "SamplingTensors":
+        """Stack per-request params, padding to `batch` rows with greedy ones."""
+        rows = list(params) + [SamplingParams()] * (batch - len(params))
+        seeds = [p.seed if p.seed is not None else int(s) % 2**32
+                 for p, s in zip(rows, list(default_seeds) + [0] * (batch - len(params)))]
+        return cls(
+            temperature=jnp.asarray(np.array([p.temperature for p in rows], np.float32)),
+            top_k=jnp.asarray(np.array([p.top_k for p in rows], np.int32)),
+            top_p=jnp.asarray(np.array([p.top_p for p in rows], np.float32)),
+            min_p=jnp.asarray(np.array([p.min_p for p in rows], np.float32)),
+            seed=jnp.asarray(np.array(seeds, np.uint32)),
+        )
+
+
+def _filtered_sample(logits_bv, st: SamplingTensors, positions_b):
+    """Sample from the temperature-scaled distribution restricted by top-k, top-p and min-p."""
+    b, v = logits_bv.shape
+    temperature = jnp.maximum(st.temperature, 1e-6)[:, None]
+    scaled = logits_bv.astype(jnp.float32) / temperature
+    idx = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+    neg_sorted, sorted_idx = jax.lax.sort_key_val(-scaled, idx, dimension=-1)
+    sorted_logits = -neg_sorted  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
+    keep = (st.top_k[:, None] == 0) | (rank < st.top_k[:, None])
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < st.top_p[:, None]
+    keep &= probs >= st.min_p[:, None] * probs[:, :1]
+    keep |= rank == 0  # the most likely token is always allowed
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(st.seed, positions_b)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.take_along_axis(sorted_idx, choice[:, None], axis=1)[:, 0]
+
+
+def sample(logits_bv, st: SamplingTensors, positions_b):
+    """Next token ids [batch] (int32). positions_b: position of the token being sampled."""
+    greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.any(st.temperature > 0),
+                           lambda: _filtered_sample(logits_bv, st, positions_b),
+                           lambda: greedy)
+    return jnp.where(st.temperature > 0, sampled, greedy)
