@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
-                          LENGTH, VOCAB, Block, RMSNorm, constrain, param_with_axes)
+                          LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, scaled, weight)
 
 Dtype = Any
 
@@ -72,6 +72,7 @@ class Decoder(nn.Module):
     dtype: compute dtype of activations and matmuls; param_dtype: storage dtype of parameters.
     attention_impl: "auto" | "xla" | "pallas" | "pallas_interpret" (see model.kernels).
     remat_policy: a key of REMAT_POLICIES; activation checkpointing per block for training.
+    weight_quant: "none" | "int8" (weight-only, per-output-channel scales; for serving).
     """
 
     config: ModelConfig
@@ -79,6 +80,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat_policy: str = "none"
+    weight_quant: str = "none"
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, *, segment_ids_bt=None, cache: KVCache | None = None,
@@ -90,9 +92,14 @@ class Decoder(nn.Module):
         [B, pages_per_seq] and kv_lens [B] (valid tokens per sequence after this call) are needed.
         """
         cfg = self.config
-        embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
-                                    (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), self.param_dtype)
-        x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
+        if self.weight_quant not in WEIGHT_QUANT:
+            raise ValueError(f"weight_quant={self.weight_quant!r} is not one of {WEIGHT_QUANT}")
+        embedding, embed_scale = weight(self, "embedding", nn.initializers.normal(1.0),
+                                        (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), (0,),
+                                        self.dtype)
+        x_btd = jnp.take(embedding, tokens_bt, axis=0)
+        if embed_scale is not None:
+            x_btd = x_btd * jnp.take(embed_scale, tokens_bt, axis=0)[..., None]
         x_btd = constrain(x_btd, (BATCH, LENGTH, EMBED))
 
         block = Block
@@ -106,7 +113,7 @@ class Decoder(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: LAYERS},
-        )(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")
+        )(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant, name="layers")
         kv = None if cache is None else (cache.k, cache.v)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x_btd, kv), _ = stack((x_btd, kv), layer_ids, positions_bt, segment_ids_bt, page_table,
@@ -119,13 +126,14 @@ class Decoder(nn.Module):
         if return_hidden:
             return x_btd, new_cache
         if cfg.tie_embeddings:
-            head_dv = embedding.T
+            logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding, preferred_element_type=jnp.float32)
+            head_scale = embed_scale
         else:
-            head_dv = param_with_axes(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
-                                      (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB),
-                                      self.param_dtype)
-        logits = jnp.einsum("BTD,DV->BTV", x_btd, head_dv.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+            head_dv, head_scale = weight(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
+                                         (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), (1,),
+                                         self.dtype)
+            logits = jnp.einsum("BTD,DV->BTV", x_btd, head_dv, preferred_element_type=jnp.float32)
+        logits = scaled(logits, head_scale)
         logits = constrain(logits, (BATCH, LENGTH, VOCAB))
         if logits_at is not None:
             logits = logits[:, 0]

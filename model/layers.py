@@ -30,6 +30,30 @@ def param_with_axes(module, name, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+WEIGHT_QUANT = ("none", "int8")
+
+
+def weight(module, name, init, shape, axes, scale_dims, compute_dtype):
+    """A matmul weight, cast for compute, and its per-channel scale (None unless int8).
+
+    With module.weight_quant == "int8" the parameter is stored as int8 with a float32 scale per
+    output channel (`scale_dims`: the dims kept in the scale); the caller multiplies the matmul
+    output by the scale, which is cheaper than dequantizing the weight.
+    """
+    if module.weight_quant == "none":
+        w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
+        return w.astype(compute_dtype), None
+    w = param_with_axes(module, name, nn.initializers.zeros, shape, axes, jnp.int8)
+    scale = param_with_axes(module, name + "_scale", nn.initializers.ones,
+                            tuple(shape[i] for i in scale_dims), tuple(axes[i] for i in scale_dims),
+                            jnp.float32)
+    return w.astype(compute_dtype), scale.astype(compute_dtype)
+
+
+def scaled(y, scale):
+    return y if scale is None else y * scale
+
+
 def constrain(x, axes):
     """Logical sharding constraint on an activation; a no-op without a mesh and rules."""
     return nn.with_logical_constraint(x, axes)
@@ -78,22 +102,24 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
     return out.astype(x_btnh.dtype)
 
 
-def write_kv_pages(pages, new_btkh, positions_bt, page_table, kv_lens):
-    """Scatter new keys or values into the paged cache of one layer.
+def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens):
+    """Scatter new keys or values of one layer into the stacked paged cache, in place.
 
-    pages [kv_heads, num_pages, page_size, head_dim]; new_btkh [B, T, kv_heads, head_dim] at
-    positions_bt. Tokens at positions >= kv_lens[b] are padding and go to page 0, which the page
-    allocator reserves and never hands out, so they can never overwrite real entries.
+    cache [layers, kv_heads, num_pages, page_size, head_dim]; new_btkh [B, T, kv_heads, head_dim]
+    at positions_bt. Tokens at positions >= kv_lens[b] are padding and go to page 0, which the
+    page allocator reserves and never hands out, so they can never overwrite real entries.
+    The whole stacked cache is indexed (not a per-layer slice) so that XLA updates the loop-carried
+    buffer in place instead of copying a layer's cache per step.
     """
-    page_size = pages.shape[2]
+    page_size = cache.shape[3]
     logical_page = positions_bt // page_size
     page_ids = jnp.take_along_axis(page_table, jnp.clip(logical_page, 0, page_table.shape[1] - 1),
                                    axis=1)
     valid = positions_bt < kv_lens[:, None]
     page_ids = jnp.where(valid, page_ids, 0)
     slots = jnp.where(valid, positions_bt % page_size, 0)
-    new_kbth = new_btkh.transpose(2, 0, 1, 3).astype(pages.dtype)
-    return pages.at[:, page_ids, slots].set(new_kbth, mode="drop")
+    # Advanced indices separated by a slice: the indexed view is [B, T, kv_heads, head_dim].
+    return cache.at[layer, :, page_ids, slots].set(new_btkh.astype(cache.dtype), mode="drop")
 
 
 class Attention(nn.Module):
@@ -103,21 +129,24 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    weight_quant: str = "none"
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, page_table, kv_lens):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
+        """cache: None (full-sequence attention) or (k, v) stacked over layers; returns the
+        output and the cache with this layer's new keys/values written."""
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
-        w_q = param_with_axes(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), self.param_dtype)
-        w_k = param_with_axes(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), self.param_dtype)
-        w_v = param_with_axes(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), self.param_dtype)
-        w_o = param_with_axes(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
-                              (HEADS, HEAD_DIM, EMBED), self.param_dtype)
+        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype)
+        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype)
+        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype)
+        w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
+                          (HEADS, HEAD_DIM, EMBED), (2,), self.dtype)
         x = x_btd.astype(self.dtype)
-        q_btnh = jnp.einsum("BTD,DNH->BTNH", x, w_q.astype(self.dtype))
-        k_btkh = jnp.einsum("BTD,DKH->BTKH", x, w_k.astype(self.dtype))
-        v_btkh = jnp.einsum("BTD,DKH->BTKH", x, w_v.astype(self.dtype))
+        q_btnh = scaled(jnp.einsum("BTD,DNH->BTNH", x, w_q), s_q)
+        k_btkh = scaled(jnp.einsum("BTD,DKH->BTKH", x, w_k), s_k)
+        v_btkh = scaled(jnp.einsum("BTD,DKH->BTKH", x, w_v), s_v)
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q_btnh += param_with_axes(self, "q_bias", zeros, (n, h), (HEADS, HEAD_DIM),
@@ -137,15 +166,14 @@ class Attention(nn.Module):
                 causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids_bt,
                 kv_segment_ids=segment_ids_bt)
         else:
-            k_pages, v_pages = cache
-            k_pages = write_kv_pages(k_pages, k_btkh, positions_bt, page_table, kv_lens)
-            v_pages = write_kv_pages(v_pages, v_btkh, positions_bt, page_table, kv_lens)
-            cache = (k_pages, v_pages)
+            k_cache = write_kv_pages(cache[0], layer, k_btkh, positions_bt, page_table, kv_lens)
+            v_cache = write_kv_pages(cache[1], layer, v_btkh, positions_bt, page_table, kv_lens)
+            cache = (k_cache, v_cache)
             out_btnh = kernels.paged_attention(
-                q_btnh, k_pages, v_pages, page_table, positions_bt, kv_lens,
+                q_btnh, k_cache, v_cache, layer, page_table, positions_bt, kv_lens,
                 impl=self.attention_impl, sliding_window=cfg.sliding_window)
         out_btnh = constrain(out_btnh, (BATCH, LENGTH, HEADS, HEAD_DIM))
-        out_btd = jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o.astype(self.dtype))
+        out_btd = scaled(jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o), s_o)
         return out_btd, cache
 
 
@@ -155,50 +183,47 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    weight_quant: str = "none"
 
     @nn.compact
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
-        w_gate = param_with_axes(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
-                                 (EMBED, MLP_DIM), self.param_dtype)
-        w_up = param_with_axes(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
-                               (EMBED, MLP_DIM), self.param_dtype)
-        w_down = param_with_axes(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
-                                 (MLP_DIM, EMBED), self.param_dtype)
+        w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
+                                (EMBED, MLP_DIM), (1,), self.dtype)
+        w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
+                            (EMBED, MLP_DIM), (1,), self.dtype)
+        w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
+                                (MLP_DIM, EMBED), (1,), self.dtype)
         x = x_btd.astype(self.dtype)
-        gate_btf = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(self.dtype))
-        up_btf = jnp.einsum("BTD,DF->BTF", x, w_up.astype(self.dtype))
+        gate_btf = scaled(jnp.einsum("BTD,DF->BTF", x, w_gate), s_gate)
+        up_btf = scaled(jnp.einsum("BTD,DF->BTF", x, w_up), s_up)
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
-        return jnp.einsum("BTF,FD->BTD", hidden_btf, w_down.astype(self.dtype))
+        return scaled(jnp.einsum("BTF,FD->BTD", hidden_btf, w_down), s_down)
 
 
 class Block(nn.Module):
     """Pre-norm decoder block; the scan body over layers.
 
     Carry: (x [B, T, D], cache) where cache is the whole stack ([layers, ...]) or None;
-    xs: the layer index, used to read and write this layer's slice of the cache in place.
+    xs: the layer index, used to read and write this layer's pages of the cache in place.
     """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    weight_quant: str = "none"
 
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
         x_btd, cache = carry
         cfg = self.config
-        layer_cache = None
-        if cache is not None:
-            layer_cache = (cache[0][layer], cache[1][layer])
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
-        attn_out, layer_cache = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
-                                          name="attn")(h, positions_bt, segment_ids_bt,
-                                                       layer_cache, page_table, kv_lens)
+        attn_out, cache = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
+                                    self.weight_quant, name="attn")(h, positions_bt, segment_ids_bt, cache, layer,
+                                                 page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
-        x_btd = constrain(x_btd + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h),
+        x_btd = constrain(x_btd + MLP(cfg, self.dtype, self.param_dtype, self.weight_quant, name="mlp")(h),
                           (BATCH, LENGTH, EMBED))
-        if cache is not None:
-            cache = (cache[0].at[layer].set(layer_cache[0]), cache[1].at[layer].set(layer_cache[1]))
         return (x_btd, cache), None

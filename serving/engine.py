@@ -1,20 +1,22 @@
-"""Engine: the public API to load a model, tokenize, score and generate.
+"""Engine: the public API to load a model, tokenize, score, generate and stream.
 
     eng = Engine.from_pretrained("smollm2-135m-instruct")
     eng.generate(["a prompt", [1, 2, 3]], max_new_tokens=32, temperature=0.0)
+    for chunk in eng.stream("a prompt", max_new_tokens=32): print(chunk.text, end="")
 
-Generation runs a small fixed set of compiled programs: prefill at power-of-two length buckets,
-and a decode program that runs up to `decode_steps` steps on device per host call (sampling on
-device, early exit when every row is done). Batches are padded to power-of-two sizes.
+Generation runs on a paged KV cache with continuous batching (serving.scheduler). A small fixed
+set of compiled programs covers all traffic: prefill at power-of-two (batch, length, pages)
+buckets, and one decode program per (batch, pages) bucket that runs up to `decode_steps` steps on
+device per call (sampling on device, early exit when every row is done).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import threading
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +27,17 @@ from model.config import ModelConfig
 from model.decoder import Decoder, KVCache, default_positions, forward, logical_axes
 from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
+from model.quantize import int8_loaders
 from model.registry import load_checkpoint
-from serving.sampling import SamplingParams, SamplingTensors, sample
+from serving.kv_pages import PageAllocator, pages_for_budget
+from serving.sampling import (SamplingError, SamplingParams, SamplingTensors, apply_penalties,
+                              sample, top_logprobs)
+from serving.scheduler import Plan, QueueFullError, Request, Scheduler
 from sharding import activation_sharding, get_rules, place_params, tree_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_PREFILL_BUCKET = 16
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
 
 
 class RequestError(ValueError):
@@ -41,10 +48,21 @@ class RequestError(ValueError):
 class GenerationOutput:
     token_ids: list[int]         # generated ids (an EOS that ended generation is included)
     text: str                    # generated text (special tokens and the stop string removed)
-    finish_reason: str           # "stop" (EOS or stop string) or "length"
+    finish_reason: str           # "stop" (EOS, stop token or stop string), "length" or "abort"
     prompt_token_ids: list[int]
-    ttft_s: float = 0.0          # time to first token (prefill), seconds
-    decode_s: float = 0.0        # time spent after the first token, seconds
+    logprobs: list | None = None  # per token: (logprob, [(id, logprob) x top-n])
+    request_id: str = ""
+    ttft_s: float = 0.0          # arrival to first token, seconds
+    e2e_s: float = 0.0           # arrival to finish, seconds
+    num_preemptions: int = 0
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    token_ids: list[int]         # tokens produced since the previous chunk
+    text: str                    # text produced since the previous chunk
+    finish_reason: str | None    # set on the last chunk
+    logprobs: list | None = None
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -52,114 +70,169 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
 
 
 class Engine:
-    """A loaded model with its tokenizer and compiled programs."""
+    """A loaded model with its tokenizer, paged KV cache, scheduler and compiled programs."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", attention: str = "auto",
                  mesh=None, rules=None, max_seq_len: int | None = None, page_size: int = 16,
-                 decode_steps: int = 16, progress: bool = False):
+                 kv_cache_gb: float = 1.0, num_pages: int | None = None, max_num_seqs: int = 32,
+                 max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
+                 decode_steps: int = 8, quantization: str | None = None, progress: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
+            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_PREFILL_BUCKET}, "
+                             f"got {prefill_chunk}")
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.source = checkpoint.source
+        self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.mesh = mesh
         self.rules = get_rules(rules)
         self.page_size = page_size
         self.decode_steps = decode_steps
+        self.prefill_chunk = prefill_chunk
+        self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        if quantization not in (None, "int8"):
+            raise ValueError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
+        self.quantization = quantization
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
-                             attention_impl=attention)
+                             attention_impl=attention, weight_quant=quantization or "none")
         self.param_axes = logical_axes(self.model)
+        loaders = checkpoint.tree()
+        if quantization == "int8":
+            loaders = int8_loaders(loaders, self.param_axes)
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(checkpoint.tensors), desc="loading weights", unit="tensor")
-        self.params = place_params(checkpoint.tree(), self.param_axes, mesh, self.rules, self.dtype,
+            bar = tqdm(total=len(jax.tree.leaves(loaders)), desc="loading weights", unit="tensor")
+        self.params = place_params(loaders, self.param_axes, mesh, self.rules, self.dtype,
                                    progress=bar.update if bar else None)
         if bar:
             bar.close()
         eos = set(getattr(self.tokenizer, "eos_ids", ()) or ())
         if self.config.eos_id is not None:
             eos.add(self.config.eos_id)
-        self.eos_ids = sorted(eos)
+        self.eos_ids = frozenset(eos)
+
+        itemsize = jnp.dtype(self.dtype).itemsize
+        if num_pages is None:
+            num_pages = pages_for_budget(self.config, page_size, itemsize, kv_cache_gb)
+        self.allocator = PageAllocator(num_pages)
+        self.cache = KVCache.zeros(self.config, num_pages, page_size, self.dtype, self._kv_sharding())
+        self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs=max_num_seqs,
+                                   max_waiting=max_waiting, prefill_chunk=prefill_chunk,
+                                   max_prefill_seqs=max_prefill_seqs, decode_steps=decode_steps)
         self._programs: dict = {}
+        self._lock = threading.RLock()
         self._request_counter = 0
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "decode_calls": 0,
+                      "prefill_calls": 0}
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m-instruct", **kwargs) -> "Engine":
         """Load a known model name, a .gguf file, or a Hugging Face directory.
 
         kwargs: dtype ("float32" | "bfloat16"), attention ("auto" | "xla" | "pallas" |
-        "pallas_interpret"), mesh (jax Mesh from sharding.make_mesh), rules (preset name or
-        table), max_seq_len, page_size, decode_steps, progress (tqdm bar while loading).
+        "pallas_interpret"), mesh (from sharding.make_mesh), rules (preset name or table),
+        max_seq_len, page_size, kv_cache_gb or num_pages, max_num_seqs, max_waiting,
+        prefill_chunk, max_prefill_seqs, decode_steps, quantization (None or "int8":
+        weight-only int8 with per-channel scales), progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
 
-    # ---------------------------------------------------------------- programs
-    def _jit(self, key, fn, **jit_kwargs):
-        if key not in self._programs:
-            self._programs[key] = jax.jit(fn, **jit_kwargs)
-        return self._programs[key]
-
+    # ================================================================ programs
     def _kv_sharding(self):
         if self.mesh is None:
             return None
         shapes = {"k": KVCache.shape(self.config, 2, self.page_size)}
         return tree_shardings({"k": KVCache.AXES}, shapes, self.mesh, self.rules)["k"]
 
+    def _program(self, key, build):
+        if key not in self._programs:
+            self._programs[key] = build()
+        return self._programs[key]
+
     def _forward_program(self):
         model = self.model
-        return self._jit("forward", lambda p, t, pos: forward(model, p, t, pos))
+        return self._program("forward", lambda: jax.jit(
+            lambda p, t, pos: forward(model, p, t, pos)))
 
-    def _prefill_program(self):
+    def _prefill_program(self, penalties: bool, logprobs: bool):
         model = self.model
 
-        def run(params, cache, tokens, positions, page_table, kv_lens, logits_at, sampling):
+        def run(params, cache, tokens, positions, page_table, kv_lens, logits_at, sampling,
+                prompt_seen, out_counts):
             logits, cache = model_prefill(model, params, tokens, positions, cache, page_table,
                                           kv_lens, logits_at)
+            raw = logits
+            if penalties:
+                logits = apply_penalties(logits, sampling, prompt_seen, out_counts)
             first = sample(logits, sampling, kv_lens)
-            return first, cache
-        return self._jit("prefill", run, donate_argnums=(1,))
+            lp = top_logprobs(raw, first, MAX_LOGPROBS) if logprobs else None
+            return first, lp, cache
+        return self._program(("prefill", penalties, logprobs),
+                             lambda: jax.jit(run, donate_argnums=(1,)))
 
-    def _decode_program(self):
-        model, steps = self.model, self.decode_steps
-        eos = jnp.asarray(self.eos_ids or [-1], jnp.int32)
+    def _decode_program(self, penalties: bool, logprobs: bool):
+        model, max_steps = self.model, self.decode_steps
 
-        def run(params, cache, last_tok, pos, page_table, done, limit, sampling):
-            """Feed last_tok at pos, sample the next token; repeat up to `steps` times."""
+        def run(params, cache, last_tok, pos, page_table, done, limit, stop_ids, steps, sampling,
+                prompt_seen, out_counts):
+            """Feed last_tok at pos and sample the next token, up to `steps` times.
+
+            A row stops (done) at a stop token id or when its next position reaches `limit`.
+            Returns the tokens [B, max_steps], their logprobs, the number of steps run, and the
+            cache. Row r's k-th new token is at position pos[r] + 1 + k.
+            """
             b = last_tok.shape[0]
-            out = jnp.zeros((b, steps), jnp.int32)
+            out = jnp.zeros((b, max_steps), jnp.int32)
+            lp = (jnp.zeros((b, max_steps)), jnp.zeros((b, max_steps, MAX_LOGPROBS), jnp.int32),
+                  jnp.zeros((b, max_steps, MAX_LOGPROBS))) if logprobs else None
 
             def cond(state):
-                i, _, _, _, done, _ = state
+                i, done = state[0], state[4]
                 return (i < steps) & ~jnp.all(done)
 
             def body(state):
-                i, cache, tok, pos, done, out = state
+                i, cache, tok, pos, done, out, lp, counts = state
                 logits, cache = model_decode_step(model, params, tok, pos, cache, page_table)
-                nxt = sample(logits, sampling, pos + 1)
-                nxt = jnp.where(done, 0, nxt)
+                raw = logits
+                if penalties:
+                    logits = apply_penalties(logits, sampling, prompt_seen, counts)
+                nxt = jnp.where(done, 0, sample(logits, sampling, pos + 1))
                 out = out.at[:, i].set(nxt)
+                if logprobs:
+                    chosen, top_ids, top_vals = top_logprobs(raw, nxt, MAX_LOGPROBS)
+                    lp = (lp[0].at[:, i].set(chosen), lp[1].at[:, i].set(top_ids),
+                          lp[2].at[:, i].set(top_vals))
+                if penalties:
+                    counts = counts.at[jnp.arange(b), nxt].add((~done).astype(jnp.int32))
                 new_pos = jnp.where(done, pos, pos + 1)
-                done = done | jnp.isin(nxt, eos) | (new_pos + 1 >= limit)
-                return i + 1, cache, nxt, new_pos, done, out
+                hit_stop = jnp.any(nxt[:, None] == stop_ids, axis=-1)
+                done = done | hit_stop | (new_pos + 1 >= limit)
+                return i + 1, cache, nxt, new_pos, done, out, lp, counts
 
-            i, cache, tok, pos, done, out = jax.lax.while_loop(
-                cond, body, (jnp.int32(0), cache, last_tok, pos, done, out))
-            return out, i, tok, pos, done, cache
-        return self._jit("decode", run, donate_argnums=(1,))
+            state = (jnp.int32(0), cache, last_tok, pos, done, out, lp, out_counts)
+            i, cache, _, _, _, out, lp, _ = jax.lax.while_loop(cond, body, state)
+            return out, lp, i, cache
+        return self._program(("decode", penalties, logprobs),
+                             lambda: jax.jit(run, donate_argnums=(1,)))
 
-    # ---------------------------------------------------------------- validation
+    # ================================================================ validation
     def _to_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary "
-                                   f"[0, {self.config.vocab_size})")
+            ids = []
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise RequestError(f"token ids must be ints, got {type(t).__name__}")
+                if not 0 <= int(t) < self.config.vocab_size:
+                    raise RequestError(f"token id {int(t)} is outside the vocabulary "
+                                       f"[0, {self.config.vocab_size})")
+                ids.append(int(t))
         else:
             raise RequestError(f"a prompt must be a string or a list of token ids, "
                                f"got {type(prompt).__name__}")
@@ -167,7 +240,42 @@ class Engine:
             raise RequestError("the prompt is empty (0 tokens); give at least one token")
         return ids
 
-    # ---------------------------------------------------------------- public API
+    def make_request(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                     seed: int | None = None, stop: str | Sequence[str] | None = None,
+                     stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0, logprobs: int | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate one request (RequestError names the problem) without queueing it."""
+        ids = self._to_ids(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(ids) + max_new_tokens} tokens, over the context limit {self.max_seq_len}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise RequestError("stop strings must be non-empty strings")
+        stop_ids = frozenset(int(t) for t in stop_token_ids)
+        if any(not 0 <= t < self.config.vocab_size for t in stop_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {self.config.vocab_size})")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+        try:
+            params = SamplingParams(temperature, top_k, top_p, min_p, seed, repetition_penalty,
+                                    presence_penalty, frequency_penalty).validate()
+        except SamplingError as e:
+            raise RequestError(str(e)) from None
+        self._request_counter += 1
+        kwargs = {} if request_id is None else {"request_id": request_id}
+        req = Request(prompt_ids=ids, params=params, max_tokens=max_new_tokens, stop=stops,
+                      stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, **kwargs)
+        req.seed = seed if seed is not None else (self._request_counter * 0x9E3779B1) % 2**32
+        return req
+
+    # ================================================================ public API
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits, numpy float32 [len(ids), vocab]."""
         ids = self._to_ids(list(ids))
@@ -181,113 +289,222 @@ class Engine:
             logits = self._forward_program()(self.params, tokens, default_positions(tokens))
         return np.asarray(logits[0, :len(ids)], dtype=np.float32)
 
+    def add_request(self, request: Request) -> Request:
+        """Queue a request made by make_request (QueueFullError when the queue is full)."""
+        with self._lock:
+            try:
+                self.scheduler.add(request)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV pages at once; False if it is unknown or finished."""
+        with self._lock:
+            return self.scheduler.abort(request_id) is not None
+
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> list[GenerationOutput]:
+                 stop: str | Sequence[str] | None = None, **kwargs) -> list[GenerationOutput]:
         """Complete each prompt (a string or a list of token ids); one output per prompt.
 
-        Greedy at temperature 0. With a seed, row i uses seed + i, so results are reproducible.
-        Generation ends at an EOS token, a stop string (removed from the text), or
-        max_new_tokens (finish_reason "length").
+        Greedy at temperature 0. With a seed, prompt i uses seed + i, so results are reproducible
+        whatever else runs in the batch. Ends at an EOS/stop token, a stop string (removed from
+        the text), or max_new_tokens (finish_reason "length"). Other kwargs: those of
+        make_request (stop_token_ids, ignore_eos, penalties, logprobs).
         """
-        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        if not prompts:
+        if not len(prompts):
             raise RequestError("no prompts given")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise RequestError("stop strings must be non-empty strings")
-        ids = [self._to_ids(p) for p in prompts]
-        for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > self.max_seq_len:
-                raise RequestError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                    f"{len(p) + max_new_tokens}, over the context limit {self.max_seq_len}")
-        params = []
-        for i in range(len(ids)):
-            row_seed = None if seed is None else (seed + i) % 2**32
-            params.append(SamplingParams(temperature, top_k, top_p, min_p, row_seed).validate())
-        with activation_sharding(self.mesh, self.rules):
-            return self._generate_batch(ids, params, max_new_tokens, stops)
+        reqs = [self.make_request(p, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, min_p=min_p,
+                                  seed=None if seed is None else (seed + i) % 2**32, stop=stop,
+                                  **kwargs)
+                for i, p in enumerate(prompts)]
+        for r in reqs:
+            self.add_request(r)
+        while not all(r.finished for r in reqs):
+            self.step()
+        return [self.output(r) for r in reqs]
 
-    def _generate_batch(self, ids, sampling_params, max_new_tokens, stops):
-        n = len(ids)
-        b = next_power_of_two(n)
-        total = max(len(p) for p in ids) + max_new_tokens
-        pages_per_seq = next_power_of_two(math.ceil(total / self.page_size))
-        t_prefill = min(next_power_of_two(max(len(p) for p in ids), MIN_PREFILL_BUCKET),
-                        pages_per_seq * self.page_size)
-        # Page 0 is the padding sink; row r owns pages 1 + r * pages_per_seq ... (contiguous).
-        page_table = (1 + np.arange(b * pages_per_seq, dtype=np.int32)).reshape(b, pages_per_seq)
-        cache = KVCache.zeros(self.config, 1 + b * pages_per_seq, self.page_size, self.dtype,
-                              self._kv_sharding())
+    def stream(self, prompt, **kwargs) -> Iterator[StreamChunk]:
+        """Yield StreamChunks for one prompt as tokens arrive (drives the engine itself)."""
+        req = self.add_request(self.make_request(prompt, **kwargs))
+        sent_tokens, sent_text = 0, 0
+        try:
+            while True:
+                if not req.finished:
+                    self.step()
+                text = self._stable_text(req)
+                if len(req.output_ids) > sent_tokens or len(text) > sent_text or req.finished:
+                    lps = req.output_logprobs[sent_tokens:] if req.logprobs is not None else None
+                    chunk = StreamChunk(req.output_ids[sent_tokens:], text[sent_text:],
+                                        req.finish_reason if req.finished else None, lps)
+                    sent_tokens, sent_text = len(req.output_ids), len(text)
+                    yield chunk
+                if req.finished:
+                    return
+        finally:
+            if not req.finished:
+                self.abort(req.request_id)
 
-        tokens = np.zeros((b, t_prefill), np.int32)
-        lens = np.ones(b, np.int32)  # padding rows hold one dummy token
-        for r, p in enumerate(ids):
-            tokens[r, :len(p)] = p
-            lens[r] = len(p)
-        seeds = [self._next_request_seed() for _ in range(n)]
-        sampling = SamplingTensors.from_params(sampling_params, b, seeds)
-        page_table_d = jnp.asarray(page_table)
+    def output(self, req: Request) -> GenerationOutput:
+        return GenerationOutput(
+            token_ids=list(req.output_ids), text=req.text, finish_reason=req.finish_reason,
+            prompt_token_ids=list(req.prompt_ids),
+            logprobs=list(req.output_logprobs) if req.logprobs is not None else None,
+            request_id=req.request_id,
+            ttft_s=(req.first_token_time or req.arrival) - req.arrival,
+            e2e_s=(req.finish_time or time.perf_counter()) - req.arrival,
+            num_preemptions=req.num_preemptions)
 
-        start = time.perf_counter()
-        tokens_d = jnp.asarray(tokens)
-        first, cache = self._prefill_program()(
-            self.params, cache, tokens_d, default_positions(tokens_d), page_table_d,
-            jnp.asarray(lens), jnp.asarray(lens - 1), sampling)
+    @staticmethod
+    def _stable_text(req: Request) -> str:
+        """Text safe to show while streaming: no trailing partial UTF-8 character."""
+        return req.text if req.finished else req.text.rstrip("\ufffd")
+
+    # ================================================================ the engine step
+    def step(self) -> list[Request]:
+        """Run one scheduling step: at most one prefill and one decode batch. Returns the
+        requests that received tokens or finished."""
+        with self._lock, activation_sharding(self.mesh, self.rules):
+            plan = self.scheduler.schedule()
+            touched = []
+            if plan.prefill:
+                touched += self._run_prefill(plan)
+            if plan.decode:
+                touched += self._run_decode(plan)
+            return touched
+
+    def _sampling(self, reqs: list[Request], rows: int) -> SamplingTensors:
+        params = [dataclasses.replace(r.params, seed=r.seed) for r in reqs]
+        return SamplingTensors.from_params(params, rows, [0] * len(reqs))
+
+    def _penalty_inputs(self, reqs: list[Request], rows: int, penalties: bool):
+        v = self.config.vocab_size
+        if not penalties:
+            return jnp.zeros((rows, 1), bool), jnp.zeros((rows, 1), jnp.int32)
+        seen = np.zeros((rows, v), bool)
+        counts = np.zeros((rows, v), np.int32)
+        for r, req in enumerate(reqs):
+            seen[r, req.prompt_ids] = True
+            np.add.at(counts[r], req.output_ids, 1)
+        return jnp.asarray(seen), jnp.asarray(counts)
+
+    def _page_table(self, reqs: list[Request], rows: int, min_tokens: int) -> np.ndarray:
+        width = next_power_of_two(max([len(r.pages) for r in reqs] +
+                                      [-(-min_tokens // self.page_size)]))
+        table = np.zeros((rows, width), np.int32)  # unused entries point at the sink page 0
+        for r, req in enumerate(reqs):
+            table[r, :len(req.pages)] = req.pages
+        return table
+
+    def _run_prefill(self, plan: Plan) -> list[Request]:
+        chunks = plan.prefill
+        reqs = [c.request for c in chunks]
+        rows = next_power_of_two(len(chunks))
+        t = next_power_of_two(max(c.end - c.start for c in chunks), MIN_PREFILL_BUCKET)
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.zeros((rows, t), np.int32)
+        kv_lens = np.zeros(rows, np.int32)
+        logits_at = np.zeros(rows, np.int32)
+        for r, c in enumerate(chunks):
+            seq = c.request.tokens
+            tokens[r, :c.end - c.start] = seq[c.start:c.end]
+            positions[r] = c.start + np.arange(t)
+            kv_lens[r] = c.end
+            logits_at[r] = c.end - c.start - 1
+        page_table = self._page_table(reqs, rows, int(positions.max()) + 1)
+        penalties = any(r.params.uses_penalties for r in reqs)
+        logprobs = any(r.logprobs is not None for r in reqs)
+        seen, counts = self._penalty_inputs(reqs, rows, penalties)
+        program = self._prefill_program(penalties, logprobs)
+        first, lp, self.cache = program(
+            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions),
+            jnp.asarray(page_table), jnp.asarray(kv_lens), jnp.asarray(logits_at),
+            self._sampling(reqs, rows), seen, counts)
         first = np.asarray(first)
-        ttft = time.perf_counter() - start
+        lp = jax.tree.map(np.asarray, lp)
+        self.stats["prefill_calls"] += 1
+        touched = []
+        for r, c in enumerate(chunks):
+            self.scheduler.record_prefill(c)
+            self.stats["prompt_tokens"] += c.end - c.start
+            if c.sample:
+                self._append(c.request, [int(first[r])],
+                             None if lp is None else (lp[0][r:r + 1], lp[1][r:r + 1], lp[2][r:r + 1]))
+                touched.append(c.request)
+        return touched
 
-        generated = [[int(first[r])] for r in range(n)]
-        limit = lens + max_new_tokens  # a row is done once its next position reaches this
-        done = np.ones(b, bool)
-        finish = ["length"] * n
-        for r in range(n):
-            done[r] = self._row_finished(generated[r], stops, max_new_tokens, finish, r)
-        last = first.astype(np.int32)
-        pos = lens.copy()  # position of `last`
-        decode = self._decode_program()
-        while not done.all():
-            out, steps, last_d, pos_d, _, cache = decode(
-                self.params, cache, jnp.asarray(last), jnp.asarray(pos), page_table_d,
-                jnp.asarray(done), jnp.asarray(limit), sampling)
-            out, steps = np.asarray(out), int(steps)
-            last, pos = np.array(last_d), np.array(pos_d)
-            for r in range(n):
-                if done[r]:
-                    continue
-                for tok in out[r, :steps]:
-                    generated[r].append(int(tok))
-                    if self._row_finished(generated[r], stops, max_new_tokens, finish, r):
-                        break
-                done[r] = finish[r] != "length" or len(generated[r]) >= max_new_tokens
-        elapsed = time.perf_counter() - start
-        return [self._output(ids[r], generated[r], finish[r], stops, ttft, elapsed - ttft)
-                for r in range(n)]
+    def _run_decode(self, plan: Plan) -> list[Request]:
+        reqs = plan.decode
+        rows = next_power_of_two(len(reqs))
+        last = np.zeros(rows, np.int32)
+        pos = np.zeros(rows, np.int32)
+        done = np.ones(rows, bool)
+        limit = np.zeros(rows, np.int32)
+        stop_ids = np.full((rows, 1 + max(len(r.stop_token_ids) for r in reqs)), -1, np.int32)
+        for r, req in enumerate(reqs):
+            last[r] = req.tokens[-1]
+            pos[r] = len(req.tokens) - 1
+            done[r] = False
+            limit[r] = len(req.prompt_ids) + req.max_tokens
+            ids = sorted(req.stop_token_ids | (frozenset() if req.ignore_eos else self.eos_ids))
+            stop_ids[r, :len(ids)] = ids
+        page_table = self._page_table(reqs, rows, int(pos.max()) + plan.decode_steps)
+        penalties = any(r.params.uses_penalties for r in reqs)
+        logprobs = any(r.logprobs is not None for r in reqs)
+        seen, counts = self._penalty_inputs(reqs, rows, penalties)
+        program = self._decode_program(penalties, logprobs)
+        out, lp, steps, self.cache = program(
+            self.params, self.cache, jnp.asarray(last), jnp.asarray(pos), jnp.asarray(page_table),
+            jnp.asarray(done), jnp.asarray(limit), jnp.asarray(stop_ids),
+            jnp.int32(plan.decode_steps), self._sampling(reqs, rows), seen, counts)
+        out, steps = np.asarray(out), int(steps)
+        lp = jax.tree.map(np.asarray, lp)
+        self.stats["decode_calls"] += 1
+        for r, req in enumerate(reqs):
+            before = len(req.output_ids)
+            new = []
+            for k in range(steps):
+                new.append(int(out[r, k]))
+                if self._is_stop_token(req, new[-1]) or before + len(new) >= req.max_tokens:
+                    break
+            self.scheduler.record_decode(req, len(new))
+            self._append(req, new, None if lp is None else
+                         (lp[0][r, :len(new)], lp[1][r, :len(new)], lp[2][r, :len(new)]))
+        return list(reqs)
 
-    def _row_finished(self, tokens, stops, max_new_tokens, finish, r) -> bool:
-        if tokens[-1] in self.eos_ids:
-            finish[r] = "stop"
-            return True
-        if stops:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if any(s in text for s in stops):
-                finish[r] = "stop"
-                return True
-        return len(tokens) >= max_new_tokens
+    def _is_stop_token(self, req: Request, token: int) -> bool:
+        return token in req.stop_token_ids or (not req.ignore_eos and token in self.eos_ids)
 
-    def _output(self, prompt_ids, tokens, finish, stops, ttft, decode_s) -> GenerationOutput:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if stops:
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-        return GenerationOutput(token_ids=list(tokens), text=text, finish_reason=finish,
-                                prompt_token_ids=list(prompt_ids), ttft_s=ttft, decode_s=decode_s)
+    def _append(self, req: Request, tokens: list[int], lp) -> None:
+        """Add sampled tokens to a request, detokenize, and finish it if it is done."""
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        reason, stop_text = None, None
+        for k, tok in enumerate(tokens):
+            req.output_ids.append(tok)
+            self.stats["generation_tokens"] += 1
+            if req.logprobs is not None:
+                n = req.logprobs
+                req.output_logprobs.append((float(lp[0][k]), [
+                    (int(i), float(v)) for i, v in zip(lp[1][k][:n], lp[2][k][:n])]))
+            if req.stop:  # stop strings can end generation in the middle of a device chunk
+                text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+                hits = [text.find(s) for s in req.stop if s in text]
+                if hits:
+                    stop_text, reason = text[:min(hits)], "stop"
+                    break
+            if self._is_stop_token(req, tok):
+                reason = "stop"
+            elif len(req.output_ids) >= req.max_tokens:
+                reason = "length"
+        req.text = (stop_text if stop_text is not None
+                    else self.tokenizer.decode(req.output_ids, skip_special_tokens=True))
+        if reason is not None:
+            self.scheduler.finish(req, reason)
 
-    def _next_request_seed(self) -> int:
-        self._request_counter += 1
-        return (self._request_counter * 0x9E3779B1) % 2**32
+
+__all__ = ["Engine", "GenerationOutput", "StreamChunk", "RequestError", "QueueFullError"]

@@ -28,6 +28,14 @@ class SamplingParams:
     top_p: float = 1.0        # 1 = off
     min_p: float = 0.0        # 0 = off
     seed: int | None = None   # None: derived from the request id
+    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens; 1 = off
+    presence_penalty: float = 0.0    # OpenAI-style, over output tokens; 0 = off
+    frequency_penalty: float = 0.0   # OpenAI-style, per occurrence in the output; 0 = off
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
     def validate(self) -> "SamplingParams":
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
@@ -40,6 +48,12 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise SamplingError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10):
+            raise SamplingError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise SamplingError(f"{name} must be in [-2, 2], got {value!r}")
         return self
 
 
@@ -52,6 +66,9 @@ class SamplingTensors:
     top_p: jax.Array
     min_p: jax.Array
     seed: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], batch: int, default_seeds) -> "SamplingTensors":
@@ -65,6 +82,9 @@ class SamplingTensors:
             top_p=jnp.asarray(np.array([p.top_p for p in rows], np.float32)),
             min_p=jnp.asarray(np.array([p.min_p for p in rows], np.float32)),
             seed=jnp.asarray(np.array(seeds, np.uint32)),
+            repetition_penalty=jnp.asarray(np.array([p.repetition_penalty for p in rows], np.float32)),
+            presence_penalty=jnp.asarray(np.array([p.presence_penalty for p in rows], np.float32)),
+            frequency_penalty=jnp.asarray(np.array([p.frequency_penalty for p in rows], np.float32)),
         )
 
 
@@ -96,3 +116,33 @@ def sample(logits_bv, st: SamplingTensors, positions_b):
                            lambda: _filtered_sample(logits_bv, st, positions_b),
                            lambda: greedy)
     return jnp.where(st.temperature > 0, sampled, greedy)
+
+
+def token_counts(ids_bl, vocab_size):
+    """[B, L] token ids (-1 = padding) -> [B, vocab] int32 occurrence counts."""
+    b = ids_bl.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids_bl.shape)
+    valid = ids_bl >= 0
+    return jnp.zeros((b, vocab_size), jnp.int32).at[rows, jnp.where(valid, ids_bl, 0)].add(
+        valid.astype(jnp.int32))
+
+
+def apply_penalties(logits_bv, st: SamplingTensors, prompt_seen_bv, output_counts_bv):
+    """Repetition penalty (HF: divide positive, multiply negative logits of seen tokens) and
+    presence/frequency penalties (OpenAI: subtract per output token). Returns float32 logits."""
+    logits = logits_bv.astype(jnp.float32)
+    seen = prompt_seen_bv | (output_counts_bv > 0)
+    rep = st.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = output_counts_bv.astype(jnp.float32)
+    return (logits - st.frequency_penalty[:, None] * counts
+            - st.presence_penalty[:, None] * (counts > 0))
+
+
+def top_logprobs(logits_bv, tokens_b, n: int):
+    """Log-probability of tokens_b [B] and the top-n (ids [B, n], logprobs [B, n]) under the
+    model's distribution (before sampling filters), as OpenAI-style APIs report them."""
+    logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens_b[:, None], axis=1)[:, 0]
+    top_vals, top_ids = jax.lax.top_k(logp, n)
+    return chosen, top_ids.astype(jnp.int32), top_vals

@@ -73,7 +73,9 @@ def place_params(loaders, axes_tree, mesh: Mesh | None = None, rules=None, dtype
     axes_flat = treedef.flatten_up_to(axes_tree)
     out = []
     for (path, load), names in zip(flat, axes_flat):
-        host = np.asarray(load(), dtype=np.float32).astype(jnp.dtype(dtype))
+        host = np.asarray(load())
+        if np.issubdtype(host.dtype, np.floating):  # quantized integer weights keep their dtype
+            host = host.astype(jnp.dtype(dtype))
         if mesh is None:
             out.append(jax.device_put(host))
         else:

@@ -27,3 +27,67 @@ def smollm2_engine():
     """The default model in float32 with the XLA attention backend, loaded once per session."""
     from serving import Engine
     return Engine.from_pretrained("smollm2-135m-instruct", dtype="float32", attention="xla")
+
+
+def byte_level_vocab(size):
+    """A byte-level BPE vocabulary: the 256 GPT-2 byte pieces, then special tokens.
+
+    Returns (tokens, token_types) with GGUF token types (1 normal, 3 control)."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    pieces, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            pieces.append(chr(b))
+        else:
+            pieces.append(chr(256 + extra))
+            extra += 1
+    tokens = pieces + ["<|start|>", "<|end|>"] + [f"<|extra_{i}|>" for i in range(size - 258)]
+    return tokens, [1] * 256 + [3] * (size - 256)
+
+
+def write_tiny_tokenizer(directory, vocab_size):
+    """tokenizer.json + tokenizer_config.json for a byte-level vocabulary (no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tokens, _ = byte_level_vocab(vocab_size)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens[:256])}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(tokens[256:])
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|start|>", "eos_token": "<|end|>", "add_bos_token": False,
+                   "chat_template": "{% for m in messages %}<|start|>{{ m['content'] }}<|end|>"
+                                    "{% endfor %}"}, f)
+
+
+def tiny_checkpoint(tmp_dir, config=None, seed=0):
+    """A Checkpoint of random weights for a small config, with a byte-level tokenizer."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from model.checkpoint import Checkpoint
+    from model.config import get_preset
+    from model.decoder import Decoder, init_params
+    from model.tokenizer import Tokenizer
+
+    config = config or dataclasses.replace(get_preset("tiny"), bos_id=256, eos_id=257)
+    params = init_params(Decoder(config), jax.random.key(seed))
+    flat = {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    write_tiny_tokenizer(str(tmp_dir), config.vocab_size)
+    return Checkpoint(config=config, tensors={k: (lambda v=v: v) for k, v in flat.items()},
+                      tokenizer=Tokenizer.from_hf_dir(str(tmp_dir)), source=str(tmp_dir),
+                      format="test")
+
+
+@pytest.fixture
+def make_tiny_engine(tmp_path):
+    """Factory: an Engine over a tiny random model; kwargs go to Engine."""
+    from serving import Engine
+
+    def make(config=None, seed=0, **kwargs):
+        kwargs.setdefault("attention", "xla")
+        return Engine(tiny_checkpoint(tmp_path, config, seed), **kwargs)
+    return make

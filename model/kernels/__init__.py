@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from model.kernels.reference import attention_reference, paged_attention_reference
+from model.kernels.reference import attention_reference, dense_cache_attention, gather_pages
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -38,13 +38,20 @@ def attention(q, k, v, q_pos, kv_pos, *, impl="xla", platform=None, causal=True,
                            platform=platform, **kwargs)
 
 
-def paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, impl="xla",
+def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, impl="xla",
                     platform=None, sliding_window=None, logit_softcap=None, scale=None):
-    """Queries of many sequences against the paged KV cache (decode and chunked prefill)."""
+    """Queries of many sequences against one layer of the paged KV cache.
+
+    k_cache, v_cache: the cache stacked over layers [layers, kv_heads, num_pages, page_size,
+    head_dim]; `layer` (a traced scalar inside the layer scan) selects the layer. The XLA path
+    gathers the needed pages straight from the stacked array (no per-layer copy).
+    """
     impl = resolve_impl(impl, platform)
     kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
     if impl == "xla":
-        return paged_attention_reference(q, k_pages, v_pages, page_table, q_pos, kv_lens, **kwargs)
+        k = gather_pages(k_cache, page_table, layer)
+        v = gather_pages(v_cache, page_table, layer)
+        return dense_cache_attention(q, k, v, q_pos, kv_lens, **kwargs)
     from model.kernels.paged_attention import ragged_paged_attention
-    return ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens,
+    return ragged_paged_attention(q, k_cache[layer], v_cache[layer], page_table, q_pos, kv_lens,
                                   interpret=impl == "pallas_interpret", platform=platform, **kwargs)

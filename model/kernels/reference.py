@@ -66,27 +66,42 @@ def attention_reference(q, k, v, q_pos, kv_pos, *, causal=True, sliding_window=N
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def gather_pages(pages, page_table):
-    """[kv_heads, num_pages, page_size, head_dim] x [B, P] -> [B, P * page_size, kv_heads, head_dim]."""
-    kvh, _, page_size, h = pages.shape
-    b, p = page_table.shape
-    g = pages[:, page_table]  # [kv_heads, B, P, page_size, head_dim]
+def gather_pages(pages, page_table, layer=None):
+    """Pages of each sequence, in order, as a dense [B, P * page_size, kv_heads, head_dim].
+
+    pages: one layer [kv_heads, num_pages, page_size, head_dim], or the stacked cache
+    [layers, ...] with `layer` selecting one (indexed together, so no layer slice is copied).
+    """
+    if layer is None:
+        g = pages[:, page_table]  # [kv_heads, B, P, page_size, head_dim]
+    else:
+        g = pages[layer, :, page_table]  # advanced indices first: [B, P, kv_heads, page_size, head_dim]
+        g = g.transpose(2, 0, 1, 3, 4)
+    kvh, b, p, page_size, h = g.shape
     return g.transpose(1, 2, 3, 0, 4).reshape(b, p * page_size, kvh, h)
+
+
+def dense_cache_attention(q, k, v, q_pos, kv_lens, *, sliding_window=None, logit_softcap=None,
+                          scale=None):
+    """Causal attention against a dense per-sequence cache k, v [B, S, kv_heads, head_dim] whose
+    slot j holds position j; slots >= kv_lens[b] are unwritten."""
+    s = k.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (q.shape[0], s))
+    kv_valid = kv_pos < kv_lens[:, None]
+    return attention_reference(q, k, v, q_pos, kv_pos, causal=True, sliding_window=sliding_window,
+                               kv_valid=kv_valid, logit_softcap=logit_softcap, scale=scale)
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, q_pos, kv_lens, *,
                               sliding_window=None, logit_softcap=None, scale=None):
-    """Causal attention of queries against a paged KV cache.
+    """Causal attention of queries against a paged KV cache (one layer).
 
     q [B, T, N, H] holds T query tokens per sequence at absolute positions q_pos [B, T] (T = 1 for
     decode, > 1 for (chunked) prefill). Key j of sequence b is cache slot j of that sequence
     (page page_table[b, j // page_size], row j % page_size); it is visible when j < kv_lens[b]
     and j <= q_pos[b, t] (and within the sliding window). Returns [B, T, N, H].
     """
-    k = gather_pages(k_pages, page_table)
-    v = gather_pages(v_pages, page_table)
-    s = k.shape[1]
-    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (q.shape[0], s))
-    kv_valid = kv_pos < kv_lens[:, None]
-    return attention_reference(q, k, v, q_pos, kv_pos, causal=True, sliding_window=sliding_window,
-                               kv_valid=kv_valid, logit_softcap=logit_softcap, scale=scale)
+    return dense_cache_attention(q, gather_pages(k_pages, page_table),
+                                 gather_pages(v_pages, page_table), q_pos, kv_lens,
+                                 sliding_window=sliding_window, logit_softcap=logit_softcap,
+                                 scale=scale)

@@ -1,0 +1,49 @@
+"""Weight-only int8 quantization with per-output-channel scales (for memory-bound decode).
+
+A weight W is stored as int8 Q with a float32 scale per output channel, W ~= Q * scale, where the
+scale is max|W| / 127 over the contracted dimensions. Which dimensions are contracted follows from
+the logical axes: the scale keeps the axes the model declares for it (model.layers.weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def quantize_int8(w: np.ndarray, reduce_axes: tuple[int, ...]):
+    """Symmetric per-channel int8: returns (int8 array like w, float32 scale without reduce_axes)."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.max(np.abs(w), axis=reduce_axes, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, np.squeeze(scale, axis=reduce_axes)
+
+
+def int8_loaders(float_loaders: dict, int8_axes: dict) -> dict:
+    """Loaders for an int8 model's params tree from a float model's loaders.
+
+    float_loaders: nested dict of loaders for the float model; int8_axes: logical-axes tree of the
+    int8 model (model.decoder.logical_axes), where every quantized weight `x` has a sibling
+    `x_scale`. Each weight is read and quantized once; its scale loader reuses the result.
+    """
+    out = {}
+    for name, axes in int8_axes.items():
+        if isinstance(axes, dict):
+            out[name] = int8_loaders(float_loaders[name], axes)
+        elif name.endswith("_scale"):
+            continue
+        elif name + "_scale" in int8_axes:
+            scale_axes = int8_axes[name + "_scale"]
+            reduce_axes = tuple(i for i, a in enumerate(axes) if a not in scale_axes)
+            memo = {}
+
+            def quantized(load=float_loaders[name], reduce_axes=reduce_axes, memo=memo):
+                if "q" not in memo:
+                    memo["q"], memo["scale"] = quantize_int8(load(), reduce_axes)
+                return memo
+
+            out[name] = lambda quantized=quantized: quantized()["q"]
+            out[name + "_scale"] = lambda quantized=quantized, memo=memo: quantized().pop("scale")
+        else:
+            out[name] = float_loaders[name]
+    return out

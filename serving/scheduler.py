@@ -1,0 +1,211 @@
+"""Continuous batching: requests, FIFO admission, chunked prefill, decode batches, preemption.
+
+Pure host logic (no JAX): the Engine asks `schedule()` what to run next, runs the compiled
+programs, and reports results back with `record_prefill` / `record_tokens`. Requests join
+between steps and leave as soon as they finish; when KV pages run out, the most recently admitted
+request is preempted (its pages are freed and it is recomputed later), never failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import time
+
+from serving.kv_pages import PageAllocator, pages_needed
+from serving.sampling import SamplingParams
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; retry later."""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its progress. tokens = prompt_ids + output_ids."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs per output token (0 = only the chosen token's)
+    request_id: str = dataclasses.field(default_factory=lambda: f"req-{next(_ids)}")
+    seed: int = 0                # effective seed (params.seed or derived from the id)
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list = dataclasses.field(default_factory=list)  # (logprob, top ids, top logprobs)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0        # tokens whose keys/values are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    text: str = ""               # detokenized output (stop string removed when finished by it)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens that must be in the cache before decoding: all but the last sampled one."""
+        return len(self.tokens) - (1 if self.output_ids else 0)
+
+    @property
+    def needs_prefill(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    request: Request
+    start: int        # first position of the chunk
+    end: int          # one past the last position
+    sample: bool      # the chunk ends the prompt of a fresh request: sample its first token
+
+
+@dataclasses.dataclass
+class Plan:
+    prefill: list[PrefillChunk]
+    decode: list[Request]
+    decode_steps: int
+
+
+class Scheduler:
+    """FIFO admission under a page budget and a sequence limit; one prefill and one decode batch
+    per step, so long prompts (chunked) interleave with running streams."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int, *, max_num_seqs: int,
+                 max_waiting: int, prefill_chunk: int, max_prefill_seqs: int, decode_steps: int):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_seqs = max_prefill_seqs
+        self.decode_steps = decode_steps
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, request: Request) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+        needed = pages_needed(len(request.prompt_ids) + request.max_tokens, self.page_size)
+        if needed > self.allocator.capacity:
+            raise ValueError(f"request needs {needed} KV pages but the cache has only "
+                             f"{self.allocator.capacity}; shorten it or enlarge the cache")
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return None
+        self.finish(req, "abort")
+        return req
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        elif req.status is Status.RUNNING:
+            self.running.remove(req)
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.perf_counter()
+        self.requests.pop(req.request_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ pages
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make req's pages cover num_tokens positions; False if the pages are not there."""
+        missing = pages_needed(num_tokens, self.page_size) - len(req.pages)
+        if missing <= 0:
+            return True
+        pages = self.allocator.allocate(missing)
+        if pages is None:
+            return False
+        req.pages.extend(pages)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Free req's pages; it goes back to the front of the queue and is recomputed later."""
+        self.running.remove(req)
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ planning
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            # Reserve the whole prompt (+1 for the first decode) so chunked prefill never stalls.
+            if not self._grow(req, len(req.tokens) + 1):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+
+    def schedule(self) -> Plan:
+        self._admit()
+        prefill = []
+        for req in self.running:
+            if req.needs_prefill and len(prefill) < self.max_prefill_seqs:
+                end = min(req.prefill_target, req.num_computed + self.prefill_chunk)
+                prefill.append(PrefillChunk(req, req.num_computed, end,
+                                            sample=not req.output_ids and end == len(req.tokens)))
+        busy = bool(prefill) or bool(self.waiting)
+        steps = max(1, self.decode_steps // 4) if busy else self.decode_steps
+        decode = [r for r in self.running if not r.needs_prefill]
+        # Every decode row needs pages for the positions it may write in `steps` steps.
+        while decode:
+            short = [r for r in decode
+                     if not self._grow(r, min(len(r.tokens) - 1 + steps,
+                                              len(r.prompt_ids) + r.max_tokens))]
+            if not short:
+                break
+            if steps > 1:
+                steps = 1
+                continue
+            victim = self.running[-1]
+            self._preempt(victim)
+            decode = [r for r in decode if r is not victim]
+            prefill = [c for c in prefill if c.request is not victim]
+        return Plan(prefill=prefill, decode=decode, decode_steps=steps)
+
+    # ------------------------------------------------------------------ results
+    def record_prefill(self, chunk: PrefillChunk) -> None:
+        chunk.request.num_computed = chunk.end
+
+    def record_decode(self, req: Request, num_fed: int) -> None:
+        req.num_computed += num_fed

@@ -1,0 +1,110 @@
+"""The engine on a tiny random model: continuous batching, preemption, chunked prefill,
+streaming, abort, stop conditions and request validation."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_checkpoint
+from serving import Engine, RequestError
+
+
+@pytest.fixture(scope="module")
+def shared_tiny_engine(tmp_path_factory):
+    return Engine(tiny_checkpoint(tmp_path_factory.mktemp("tiny")), attention="xla")
+
+
+def _prompts(n, vocab=256, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(1, 40)).tolist() for _ in range(n)]
+
+
+def test_alone_equals_batched_with_31_others_across_preemption_and_chunking(make_tiny_engine):
+    prompts = _prompts(32)
+    eng = make_tiny_engine(page_size=4, max_num_seqs=32, num_pages=1 + 32 * 16,
+                           prefill_chunk=16)
+    alone = [eng.generate(p, max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts[:4]]
+    # A cache too small for 32 sequences at once: preemption (recompute) and chunked prefill.
+    small = make_tiny_engine(page_size=4, max_num_seqs=32, num_pages=60, prefill_chunk=16)
+    outs = small.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert small.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs[:4]] == alone
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in outs)
+    assert small.allocator.num_used == 0
+
+
+def test_sampled_requests_reproduce_with_seed_in_any_batch(make_tiny_engine):
+    eng = make_tiny_engine()
+    kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, ignore_eos=True)
+    alone = eng.generate([5, 6, 7], seed=11, **kw)[0].token_ids
+    batch = eng.generate([[1, 2], [5, 6, 7], [9] * 20], seed=10, **kw)
+    assert batch[1].token_ids == alone
+    assert batch[0].token_ids != alone
+
+
+def test_stream_yields_tokens_and_text_incrementally(make_tiny_engine):
+    eng = make_tiny_engine(decode_steps=4)
+    chunks = list(eng.stream([1, 2, 3], max_new_tokens=9, ignore_eos=True))
+    assert len(chunks) >= 3 and chunks[-1].finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    tokens = [t for c in chunks for t in c.token_ids]
+    full = eng.generate([1, 2, 3], max_new_tokens=9, ignore_eos=True)[0]
+    assert tokens == full.token_ids
+    assert "".join(c.text for c in chunks) == full.text
+
+
+def test_abort_frees_pages(make_tiny_engine):
+    eng = make_tiny_engine()
+    stream = eng.stream([1, 2, 3], max_new_tokens=200, ignore_eos=True)
+    next(stream)
+    assert eng.allocator.num_used > 0
+    stream.close()  # a consumer that goes away aborts its request
+    assert eng.allocator.num_used == 0
+    req = eng.add_request(eng.make_request([4, 5], max_new_tokens=50))
+    eng.step()
+    assert eng.abort(req.request_id) and req.finish_reason == "abort"
+    assert eng.allocator.num_used == 0 and not eng.abort(req.request_id)
+
+
+def test_stop_strings_stop_tokens_and_max_tokens(make_tiny_engine):
+    eng = make_tiny_engine()
+    free = eng.generate([1, 2, 3], max_new_tokens=16, ignore_eos=True)[0]
+    # Stop at the text of the 4th token: text is cut before it, tokens end with it.
+    stop_text = eng.tokenizer.decode(free.token_ids[3:4])
+    if stop_text.strip() and stop_text not in eng.tokenizer.decode(free.token_ids[:3]):
+        out = eng.generate([1, 2, 3], max_new_tokens=16, ignore_eos=True, stop=[stop_text])[0]
+        assert out.finish_reason == "stop" and stop_text not in out.text
+        assert out.token_ids == free.token_ids[:len(out.token_ids)]
+    out = eng.generate([1, 2, 3], max_new_tokens=16, stop_token_ids=[free.token_ids[5]])[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == free.token_ids[5]
+    assert len(out.token_ids) <= 6
+
+
+def test_logprobs_and_penalties(make_tiny_engine):
+    eng = make_tiny_engine()
+    out = eng.generate([1, 2, 3], max_new_tokens=5, ignore_eos=True, logprobs=3)[0]
+    assert len(out.logprobs) == 5
+    for tok, (lp, top) in zip(out.token_ids, out.logprobs):
+        assert len(top) == 3 and top[0][0] == tok and abs(top[0][1] - lp) < 1e-5  # greedy: top-1
+    plain = eng.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True)[0].token_ids
+    penalized = eng.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True,
+                             frequency_penalty=2.0)[0].token_ids
+    assert max(np.bincount(penalized)) <= max(np.bincount(plain))
+    assert penalized != plain
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(prompts=""), "empty"),
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[10**6]), "outside the vocabulary"),
+    (dict(prompts="hi", max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts="hi", max_new_tokens=10**5), "context limit"),
+    (dict(prompts="hi", temperature=-1.0), "temperature"),
+    (dict(prompts="hi", stop=[""]), "stop strings"),
+    (dict(prompts="hi", logprobs=50), "logprobs"),
+])
+def test_bad_requests_get_clear_errors(shared_tiny_engine, kwargs, fragment):
+    eng = shared_tiny_engine
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(RequestError, match=fragment):
+        eng.generate(prompts, **kwargs)
+    assert eng.generate([1, 2], max_new_tokens=2)[0].finish_reason in ("length", "stop")
