@@ -30,11 +30,25 @@ class Checkpoint:
     tokenizer: Any              # model.tokenizer.Tokenizer
     source: str                 # path it came from
     format: str                 # "gguf" | "hf"
+    layer_tensors: dict[str, list[Loader]] = dataclasses.field(default_factory=dict)
+    # "layers/attn/q" -> one loader per layer (unstacked), when the reader has them
 
-    def tree(self) -> dict:
-        """The tensor table as a nested dict shaped like the Flax params tree (leaves: loaders)."""
+    def tree(self, scan_layers: bool = True) -> dict:
+        """The tensor table as a nested dict shaped like the Flax params tree (leaves: loaders).
+
+        scan_layers=False gives per-layer entries "layers_0/...", read one layer at a time."""
+        tensors = dict(self.tensors)
+        if not scan_layers:
+            for path in [p for p in tensors if p.startswith("layers/")]:
+                per_layer = self.layer_tensors.get(path)
+                if per_layer is None:  # slice the stacked loader (reads the stack once per layer)
+                    per_layer = [lambda i=i, f=tensors[path]: f()[i]
+                                 for i in range(self.config.num_layers)]
+                del tensors[path]
+                for i, load in enumerate(per_layer):
+                    tensors[f"layers_{i}/" + path[len("layers/"):]] = load
         tree: dict = {}
-        for path, loader in self.tensors.items():
+        for path, loader in tensors.items():
             node = tree
             *parents, leaf = path.split("/")
             for name in parents:
@@ -118,7 +132,7 @@ def layer_param_paths(cfg: ModelConfig) -> list[str]:
 
 
 def build_tensor_table(cfg: ModelConfig, get_hf: Callable[[str, int | None], Loader | None],
-                       source: str) -> dict[str, Loader]:
+                       source: str) -> tuple[dict[str, Loader], dict[str, list[Loader]]]:
     """Assemble xlrt's tensor table from a function giving HF-layout loaders.
 
     get_hf(path, layer) returns a loader of the HF-layout tensor for xlrt `path` ("attn/q" with a
@@ -143,7 +157,9 @@ def build_tensor_table(cfg: ModelConfig, get_hf: Callable[[str, int | None], Loa
             raise WeightsError(f"{source}: the output projection (lm_head) is missing and the "
                                f"configuration does not tie embeddings")
         table["lm_head"] = converted("lm_head", head)
+    per_layer: dict[str, list[Loader]] = {}
     for name in layer_param_paths(cfg):
         path = "layers/" + name
-        table[path] = stacked([converted(path, required(name, i)) for i in range(cfg.num_layers)])
-    return table
+        per_layer[path] = [converted(path, required(name, i)) for i in range(cfg.num_layers)]
+        table[path] = stacked(per_layer[path])
+    return table, per_layer

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
-                          LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, scaled, weight)
+                          LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, linear, scaled,
+                          weight)
 
 Dtype = Any
 
@@ -73,6 +74,10 @@ class Decoder(nn.Module):
     attention_impl: "auto" | "xla" | "pallas" | "pallas_interpret" (see model.kernels).
     remat_policy: a key of REMAT_POLICIES; activation checkpointing per block for training.
     weight_quant: "none" | "int8" (weight-only, per-output-channel scales; for serving).
+    scan_layers: True stacks the blocks under nn.scan (params "layers/...", with a leading
+      `layers` axis; compile time independent of depth): the layout for training and checkpoints.
+      False unrolls them (params "layers_0/...", ...): XLA:CPU streams separate per-layer weight
+      buffers ~1.4x faster than slices of a stacked one, which matters for memory-bound decode.
     """
 
     config: ModelConfig
@@ -81,6 +86,7 @@ class Decoder(nn.Module):
     attention_impl: str = "xla"
     remat_policy: str = "none"
     weight_quant: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, *, segment_ids_bt=None, cache: KVCache | None = None,
@@ -106,18 +112,24 @@ class Decoder(nn.Module):
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             block = nn.remat(Block, policy=policy, prevent_cse=False)
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: LAYERS},
-        )(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant, name="layers")
+        block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant)
         kv = None if cache is None else (cache.k, cache.v)
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x_btd, kv), _ = stack((x_btd, kv), layer_ids, positions_bt, segment_ids_bt, page_table,
-                               kv_lens)
+        if self.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: LAYERS},
+            )(*block_args, name="layers")
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x_btd, kv), _ = stack((x_btd, kv), layer_ids, positions_bt, segment_ids_bt,
+                                   page_table, kv_lens)
+        else:
+            for i in range(cfg.num_layers):
+                (x_btd, kv), _ = block(*block_args, name=f"layers_{i}")(
+                    (x_btd, kv), i, positions_bt, segment_ids_bt, page_table, kv_lens)
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1])
 
         x_btd = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x_btd)
@@ -132,7 +144,7 @@ class Decoder(nn.Module):
             head_dv, head_scale = weight(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
                                          (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), (1,),
                                          self.dtype)
-            logits = jnp.einsum("BTD,DV->BTV", x_btd, head_dv, preferred_element_type=jnp.float32)
+            logits = linear(x_btd, head_dv).astype(jnp.float32)  # BTD,DV->BTV
         logits = scaled(logits, head_scale)
         logits = constrain(logits, (BATCH, LENGTH, VOCAB))
         if logits_at is not None:
@@ -190,6 +202,17 @@ def logical_axes(model: Decoder):
     boxed = abstract_params(model)
     return jax.tree.map(lambda p: p.names, boxed,
                         is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
+
+
+def unstack_layers(tree: dict, num_layers: int, take) -> dict:
+    """A scan_layers=True tree ({"layers": stacked}) as a scan_layers=False one ({"layers_i"}).
+
+    take(leaf, i) returns layer i of a stacked leaf (e.g. `lambda a, i: a[i]` for arrays).
+    """
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda leaf: take(leaf, i), tree["layers"])
+    return out
 
 
 def init_params(model: Decoder, rng, shardings=None):

@@ -166,6 +166,7 @@ def load_gguf(path: str) -> Checkpoint:
             return lambda: _unpermute_rope_rows(load(), cfg.num_kv_heads)
         return load
 
-    table = build_tensor_table(cfg, get_hf, path)
+    table, per_layer = build_tensor_table(cfg, get_hf, path)
     tokenizer = Tokenizer.from_gguf_fields(meta)
-    return Checkpoint(config=cfg, tensors=table, tokenizer=tokenizer, source=path, format="gguf")
+    return Checkpoint(config=cfg, tensors=table, tokenizer=tokenizer, source=path, format="gguf",
+                      layer_tensors=per_layer)

@@ -132,6 +132,7 @@ def load_hf(directory: str) -> Checkpoint:
                 else f"model.layers.{layer}.{_XLRT_TO_HF_LAYER[xlrt_path]}")
         return _loader(index[name], name) if name in index else None
 
-    table = build_tensor_table(cfg, get_hf, directory)
+    table, per_layer = build_tensor_table(cfg, get_hf, directory)
     tokenizer = Tokenizer.from_hf_dir(directory)
-    return Checkpoint(config=cfg, tensors=table, tokenizer=tokenizer, source=directory, format="hf")
+    return Checkpoint(config=cfg, tensors=table, tokenizer=tokenizer, source=directory, format="hf",
+                      layer_tensors=per_layer)

@@ -76,7 +76,8 @@ class Engine:
                  mesh=None, rules=None, max_seq_len: int | None = None, page_size: int = 16,
                  kv_cache_gb: float = 1.0, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
-                 decode_steps: int = 8, quantization: str | None = None, progress: bool = False):
+                 decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
+                 progress: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -98,9 +99,10 @@ class Engine:
             raise ValueError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
         self.quantization = quantization
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
-                             attention_impl=attention, weight_quant=quantization or "none")
+                             attention_impl=attention, weight_quant=quantization or "none",
+                             scan_layers=scan_layers)
         self.param_axes = logical_axes(self.model)
-        loaders = checkpoint.tree()
+        loaders = checkpoint.tree(scan_layers=scan_layers)
         if quantization == "int8":
             loaders = int8_loaders(loaders, self.param_axes)
         bar = None
@@ -138,7 +140,9 @@ class Engine:
         "pallas_interpret"), mesh (from sharding.make_mesh), rules (preset name or table),
         max_seq_len, page_size, kv_cache_gb or num_pages, max_num_seqs, max_waiting,
         prefill_chunk, max_prefill_seqs, decode_steps, quantization (None or "int8":
-        weight-only int8 with per-channel scales), progress (tqdm bar while loading).
+        weight-only int8 with per-channel scales), scan_layers (False, the default, unrolls the
+        layers: faster decode on CPU; True keeps them under nn.scan: faster compilation),
+        progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
 
@@ -392,12 +396,16 @@ class Engine:
             np.add.at(counts[r], req.output_ids, 1)
         return jnp.asarray(seen), jnp.asarray(counts)
 
-    def _page_table(self, reqs: list[Request], rows: int, min_tokens: int) -> np.ndarray:
-        width = next_power_of_two(max([len(r.pages) for r in reqs] +
-                                      [-(-min_tokens // self.page_size)]))
+    def _page_table(self, reqs: list[Request], rows: int, num_tokens: int) -> np.ndarray:
+        """[rows, width] page ids covering the first num_tokens positions of each request.
+
+        width is a power of two (a compile bucket) just large enough: attention cost grows with
+        it, so a request's spare pages beyond this call's positions are left out."""
+        width = next_power_of_two(-(-num_tokens // self.page_size))
         table = np.zeros((rows, width), np.int32)  # unused entries point at the sink page 0
         for r, req in enumerate(reqs):
-            table[r, :len(req.pages)] = req.pages
+            pages = req.pages[:width]
+            table[r, :len(pages)] = pages
         return table
 
     def _run_prefill(self, plan: Plan) -> list[Request]:
@@ -415,7 +423,7 @@ class Engine:
             positions[r] = c.start + np.arange(t)
             kv_lens[r] = c.end
             logits_at[r] = c.end - c.start - 1
-        page_table = self._page_table(reqs, rows, int(positions.max()) + 1)
+        page_table = self._page_table(reqs, rows, max(c.end for c in chunks))
         penalties = any(r.params.uses_penalties for r in reqs)
         logprobs = any(r.logprobs is not None for r in reqs)
         seen, counts = self._penalty_inputs(reqs, rows, penalties)
@@ -452,7 +460,9 @@ class Engine:
             limit[r] = len(req.prompt_ids) + req.max_tokens
             ids = sorted(req.stop_token_ids | (frozenset() if req.ignore_eos else self.eos_ids))
             stop_ids[r, :len(ids)] = ids
-        page_table = self._page_table(reqs, rows, int(pos.max()) + plan.decode_steps)
+        page_table = self._page_table(
+            reqs, rows, max(min(len(r.tokens) - 1 + plan.decode_steps, len(r.prompt_ids) + r.max_tokens)
+                            for r in reqs))
         penalties = any(r.params.uses_penalties for r in reqs)
         logprobs = any(r.logprobs is not None for r in reqs)
         seen, counts = self._penalty_inputs(reqs, rows, penalties)

@@ -67,4 +67,8 @@ def test_prefill_plus_decode_equals_full_forward(smollm2_engine, golden_cases):
     step = jax.jit(functools.partial(decode_step, model))
     for i in range(split, len(ids)):
         logits, cache = step(params, tokens[:, i], jnp.array([i]), cache, page_table)
-        np.testing.assert_allclose(logits[0], full[i], atol=1e-4)
+        # Decode runs its matmuls as GEMVs (one row) and the forward pass as GEMMs; their float32
+        # summation orders differ, which after 30 layers moves logits of magnitude ~20 by up to
+        # ~1.3e-4 (relative 6e-6), independently of the logit's size. Hence 2e-4 here; the tiny
+        # models in tests/model/test_decoder.py meet 1e-4.
+        np.testing.assert_allclose(logits[0], full[i], atol=2e-4)
