@@ -1,0 +1,166 @@
+"""Decode benchmark: batch-1 ms/token, 512-token TTFT, and concurrent throughput; prints JSON.
+
+    python scripts/bench_decode.py                       # xlrt float32 and int8
+    python scripts/bench_decode.py --llama-python /path/to/venv/bin/python   # + llama.cpp side by side
+
+llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 with
+`llama_cpp.llama_model_quantize`) in the same run, either in this interpreter when
+`llama-cpp-python` is installed (the optional `bench` extra) or in the interpreter given by
+--llama-python. Medians over --repeats; compare ratios, not absolute times (shared machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPT_5 = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+
+
+def _long_prompt(n: int) -> list[int]:
+    return [1000 + (i * 7919) % 40000 for i in range(n)]
+
+
+def bench_xlrt(args, quantization) -> dict:
+    from serving import Engine
+
+    eng = Engine.from_pretrained(args.model, dtype="float32", attention=args.attention,
+                                 quantization=quantization, decode_steps=args.decode_steps,
+                                 max_num_seqs=max(args.concurrency), kv_cache_gb=args.kv_cache_gb)
+    new = args.new_tokens
+    gen = lambda prompts, n: eng.generate(prompts, max_new_tokens=n, ignore_eos=True)
+    gen(PROMPT_5, new + 1)  # compile the programs this measurement uses
+    per_token = []
+    for _ in range(args.repeats):
+        out = gen(PROMPT_5, new + 1)[0]
+        per_token.append(1000 * (out.e2e_s - out.ttft_s) / new)
+    long = _long_prompt(512)
+    gen(long, 1)
+    ttft = [gen(long, 1)[0].ttft_s for _ in range(args.repeats)]
+    throughput = {}
+    for c in args.concurrency:
+        prompts = [[p + i for p in PROMPT_5] for i in range(c)]
+        gen(prompts, new)  # compile this batch bucket
+        runs = []
+        for _ in range(max(1, args.repeats - 1)):
+            start = time.perf_counter()
+            outs = gen(prompts, new)
+            runs.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+        throughput[str(c)] = round(statistics.median(runs), 1)
+    return {"ms_per_token_b1": round(statistics.median(per_token), 2),
+            "ttft_512_s": round(statistics.median(ttft), 3),
+            "output_tokens_per_s": throughput}
+
+
+def bench_llama_cpp(args) -> dict:
+    """llama.cpp (llama-cpp-python) F32 and Q8_0 on the same weights: ms/token and 512 prefill."""
+    import ctypes
+
+    import llama_cpp
+
+    src = args.gguf
+    os.makedirs(args.work_dir, exist_ok=True)
+    out = {}
+    for name, ftype in (("F32", 0), ("Q8_0", 7)):
+        dst = os.path.join(args.work_dir, f"{os.path.basename(src)}.{name}.gguf")
+        if not os.path.exists(dst):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize = ftype, True
+            if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)):
+                raise RuntimeError(f"llama_model_quantize to {name} failed")
+        llm = llama_cpp.Llama(dst, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+        per_token = []
+        for _ in range(args.repeats):
+            llm.reset()
+            n, first = 0, None
+            for _tok in llm.generate(PROMPT_5, temp=0.0):
+                n += 1
+                first = first or time.perf_counter()
+                if n > args.new_tokens:
+                    break
+            per_token.append(1000 * (time.perf_counter() - first) / args.new_tokens)
+        prefill = []
+        for _ in range(args.repeats):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(_long_prompt(512))
+            prefill.append(time.perf_counter() - start)
+        out[name] = {"ms_per_token_b1": round(statistics.median(per_token), 2),
+                     "ttft_512_s": round(statistics.median(prefill), 3)}
+        del llm
+    return out
+
+
+def main(args) -> int:
+    from model.registry import resolve
+
+    kind, args.gguf = resolve(args.model)
+    result = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "decode_steps": args.decode_steps, "cpu_count": os.cpu_count()}
+    llama = None  # llama.cpp first: it is quick, and a failure there should not waste the rest
+    try:
+        import llama_cpp  # noqa: F401
+        llama = bench_llama_cpp(args)
+    except ImportError:
+        if args.llama_python:
+            cmd = [args.llama_python, os.path.abspath(__file__), "--only-llama", "--gguf", args.gguf,
+                   "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+                   "--work-dir", args.work_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"llama.cpp benchmark failed: {proc.stderr.strip()[-2000:]}")
+            llama = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["xlrt"] = {"float32": bench_xlrt(args, None)}
+    if not args.skip_int8:
+        result["xlrt"]["int8"] = bench_xlrt(args, "int8")
+    if llama:
+        result["llama_cpp"] = llama
+        x = result["xlrt"]
+        ratios = {"f32_ms_per_token_xlrt_over_llama": x["float32"]["ms_per_token_b1"] / llama["F32"]["ms_per_token_b1"],
+                  "f32_ttft_512_xlrt_over_llama": x["float32"]["ttft_512_s"] / llama["F32"]["ttft_512_s"]}
+        if "int8" in x:
+            ratios["int8_ms_per_token_xlrt_over_llama_q8_0"] = (
+                x["int8"]["ms_per_token_b1"] / llama["Q8_0"]["ms_per_token_b1"])
+        result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def only_llama() -> None:
+    """Child mode for --llama-python: stdlib + llama_cpp only (that venv has no jax)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--only-llama", action="store_true")
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--work-dir", required=True)
+    print(json.dumps(bench_llama_cpp(p.parse_args())))
+
+
+if __name__ == "__main__" and "--only-llama" in sys.argv:
+    only_llama()
+elif __name__ == "__main__":
+    from serving import cli
+
+    p = cli.parser(__doc__.strip().splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name or path")
+    p.add_argument("--attention", default="auto", help="attention backend")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per figure (median)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                   help="concurrent requests for the throughput figures")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps per device call")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache budget")
+    p.add_argument("--skip-int8", action="store_true", help="measure float32 only")
+    p.add_argument("--llama-python", default=None,
+                   help="python of a venv with llama-cpp-python, to run llama.cpp side by side")
+    p.add_argument("--work-dir", default=os.path.expanduser("~/.cache/xlrt/bench"),
+                   help="where converted GGUF files for llama.cpp are kept")
+    cli.run(main, p.parse_args())
