@@ -204,17 +204,6 @@ def logical_axes(model: Decoder):
                         is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
 
 
-def unstack_layers(tree: dict, num_layers: int, take) -> dict:
-    """A scan_layers=True tree ({"layers": stacked}) as a scan_layers=False one ({"layers_i"}).
-
-    take(leaf, i) returns layer i of a stacked leaf (e.g. `lambda a, i: a[i]` for arrays).
-    """
-    out = {k: v for k, v in tree.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda leaf: take(leaf, i), tree["layers"])
-    return out
-
-
 def init_params(model: Decoder, rng, shardings=None):
     """Random parameters (unboxed), placed with `shardings` when given."""
     def init():

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from model.decoder import KVCache, decode_step, default_positions, forward, prefill
 

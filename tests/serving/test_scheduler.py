@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from serving.kv_pages import PageAllocator, pages_needed
 from serving.sampling import SamplingParams
-from serving.scheduler import QueueFullError, Request, Scheduler, Status
+from serving.scheduler import QueueFullError, Request, Scheduler
 
 PAGE = 4
 
