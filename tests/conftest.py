@@ -5,6 +5,9 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (optional, for deviceless TPU compiles) takes a machine-wide lock file; let test
+# processes and their subprocesses load it side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest
 

@@ -3,6 +3,11 @@
 `impl` is "auto" | "xla" | "pallas" | "pallas_interpret". "auto" picks Pallas on GPU/TPU and the
 XLA reference on CPU. Dispatch happens in Python at trace time (not with lax.platform_dependent),
 so a program exported for several platforms contains exactly one backend.
+
+For ahead-of-time work on a machine without the target (jax.export, deviceless TPU compiles), an
+impl may name the target platform after a colon: "pallas:tpu", "pallas:cuda", "auto:tpu". The
+model carries that string unchanged, so its prefill, decode and train programs trace the kernels
+of the target rather than of the local backend.
 """
 
 from __future__ import annotations
@@ -12,12 +17,27 @@ import jax
 from model.kernels.reference import attention_reference, dense_cache_attention, gather_pages
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+TARGET_PLATFORMS = ("cpu", "cuda", "gpu", "rocm", "tpu")
+
+
+def split_impl(impl: str, platform: str | None = None) -> tuple[str, str | None]:
+    """("pallas:tpu", None) -> ("pallas", "tpu"); validates both parts."""
+    base, _, target = impl.partition(":")
+    if base not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r} is not one of {', '.join(ATTENTION_IMPLS)} "
+                         f"(optionally with ':<platform>', one of {', '.join(TARGET_PLATFORMS)})")
+    if target:
+        if target not in TARGET_PLATFORMS:
+            raise ValueError(f"attention={impl!r}: unknown platform {target!r}; "
+                             f"known: {', '.join(TARGET_PLATFORMS)}")
+        platform = platform or target
+    return base, platform
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """Map "auto" to a concrete backend for `platform` (default: JAX's default backend)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    """Map "auto" to a concrete backend for `platform` (default: the platform named in `impl`,
+    else JAX's default backend)."""
+    impl, platform = split_impl(impl, platform)
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
@@ -28,7 +48,7 @@ def attention(q, k, v, q_pos, kv_pos, *, impl="xla", platform=None, causal=True,
               sliding_window=None, q_segment_ids=None, kv_segment_ids=None, logit_softcap=None,
               scale=None):
     """Self-attention over a whole sequence (training, scoring). See reference.py for shapes."""
-    impl = resolve_impl(impl, platform)
+    impl, platform = resolve_impl(impl, platform), split_impl(impl, platform)[1]
     kwargs = dict(causal=causal, sliding_window=sliding_window, q_segment_ids=q_segment_ids,
                   kv_segment_ids=kv_segment_ids, logit_softcap=logit_softcap, scale=scale)
     if impl == "xla":
@@ -46,12 +66,12 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, i
     head_dim]; `layer` (a traced scalar inside the layer scan) selects the layer. The XLA path
     gathers the needed pages straight from the stacked array (no per-layer copy).
     """
-    impl = resolve_impl(impl, platform)
+    impl, platform = resolve_impl(impl, platform), split_impl(impl, platform)[1]
     kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
     if impl == "xla":
         k = gather_pages(k_cache, page_table, layer)
         v = gather_pages(v_cache, page_table, layer)
         return dense_cache_attention(q, k, v, q_pos, kv_lens, **kwargs)
-    from model.kernels.paged_attention import ragged_paged_attention
-    return ragged_paged_attention(q, k_cache[layer], v_cache[layer], page_table, q_pos, kv_lens,
+    from model.kernels.ragged_paged_attention import ragged_paged_attention
+    return ragged_paged_attention(q, k_cache, v_cache, page_table, q_pos, kv_lens, layer=layer,
                                   interpret=impl == "pallas_interpret", platform=platform, **kwargs)
