@@ -74,6 +74,36 @@ HF_LAYER_NAMES = {
 }
 
 
+# Qwen3: per-head RMSNorm of queries and keys (config.qk_norm).
+HF_QK_NORM_NAMES = {
+    "self_attn.q_norm.weight": "attn/q_norm/scale",
+    "self_attn.k_norm.weight": "attn/k_norm/scale",
+}
+
+# Mixture-of-experts layers, per layout family: xlrt path -> HF name ("{e}": the expert index).
+# Readers stack the routed experts' [out, in] matrices into one [E, out, in] HF-layout tensor.
+HF_MOE_NAMES = {
+    "mixtral": {
+        "moe/router": "block_sparse_moe.gate.weight",
+        "moe/gate": "block_sparse_moe.experts.{e}.w1.weight",
+        "moe/up": "block_sparse_moe.experts.{e}.w3.weight",
+        "moe/down": "block_sparse_moe.experts.{e}.w2.weight",
+    },
+    "qwen_moe": {  # Qwen2-MoE and Qwen3-MoE
+        "moe/router": "mlp.gate.weight",
+        "moe/gate": "mlp.experts.{e}.gate_proj.weight",
+        "moe/up": "mlp.experts.{e}.up_proj.weight",
+        "moe/down": "mlp.experts.{e}.down_proj.weight",
+        "moe/shared/gate": "mlp.shared_expert.gate_proj.weight",
+        "moe/shared/up": "mlp.shared_expert.up_proj.weight",
+        "moe/shared/down": "mlp.shared_expert.down_proj.weight",
+        "moe/shared_gate": "mlp.shared_expert_gate.weight",
+    },
+}
+_MATRIX_T = ("mlp/gate", "mlp/up", "mlp/down", "lm_head", "moe/router", "moe/shared/gate",
+             "moe/shared/up", "moe/shared/down")
+
+
 def hf_to_xlrt(path: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Convert one HF-layout tensor (Linear weights [out, in]) to xlrt's layout for `path`."""
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -84,6 +114,12 @@ def hf_to_xlrt(path: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         "mlp/gate": (cfg.ffn_dim, d), "mlp/up": (cfg.ffn_dim, d), "mlp/down": (d, cfg.ffn_dim),
         "attn_norm/scale": (d,), "mlp_norm/scale": (d,), "final_norm/scale": (d,),
         "embedding": (cfg.vocab_size, d), "lm_head": (cfg.vocab_size, d),
+        "attn/q_norm/scale": (h,), "attn/k_norm/scale": (h,),
+        "moe/router": (cfg.num_experts, d), "moe/gate": (cfg.num_experts, cfg.moe_ffn_dim, d),
+        "moe/up": (cfg.num_experts, cfg.moe_ffn_dim, d),
+        "moe/down": (cfg.num_experts, d, cfg.moe_ffn_dim),
+        "moe/shared/gate": (cfg.shared_ffn_dim, d), "moe/shared/up": (cfg.shared_ffn_dim, d),
+        "moe/shared/down": (d, cfg.shared_ffn_dim), "moe/shared_gate": (1, d),
     }[leaf]
     if tuple(w.shape) != expected_hf:
         raise WeightsError(f"tensor for {path} has shape {tuple(w.shape)}, expected {expected_hf} "
@@ -98,8 +134,12 @@ def hf_to_xlrt(path: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return w.reshape(n, h)
     if leaf in ("attn/k_bias", "attn/v_bias"):
         return w.reshape(k, h)
-    if leaf in ("mlp/gate", "mlp/up", "mlp/down", "lm_head"):
+    if leaf in _MATRIX_T:
         return w.T
+    if leaf in ("moe/gate", "moe/up", "moe/down"):  # [E, out, in] -> [E, in, out]
+        return w.transpose(0, 2, 1)
+    if leaf == "moe/shared_gate":
+        return w.reshape(d)
     return w
 
 
@@ -112,8 +152,12 @@ def xlrt_to_hf(path: str, w: np.ndarray) -> np.ndarray:
         return w.reshape(-1, w.shape[-1]).T
     if leaf in ("attn/q_bias", "attn/k_bias", "attn/v_bias"):
         return w.reshape(-1)
-    if leaf in ("mlp/gate", "mlp/up", "mlp/down", "lm_head"):
+    if leaf in _MATRIX_T:
         return w.T
+    if leaf in ("moe/gate", "moe/up", "moe/down"):
+        return w.transpose(0, 2, 1)
+    if leaf == "moe/shared_gate":
+        return w.reshape(1, -1)
     return w
 
 
@@ -124,10 +168,19 @@ def stacked(loaders: list[Loader]) -> Loader:
 
 def layer_param_paths(cfg: ModelConfig) -> list[str]:
     """The per-layer parameter paths (relative to "layers/") this config has."""
-    names = ["attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down",
-             "attn_norm/scale", "mlp_norm/scale"]
+    names = ["attn/q", "attn/k", "attn/v", "attn/o", "attn_norm/scale", "mlp_norm/scale"]
+    if cfg.is_moe:
+        names += ["moe/router", "moe/gate", "moe/up", "moe/down"]
+        if cfg.shared_ffn_dim:
+            names += ["moe/shared/gate", "moe/shared/up", "moe/shared/down"]
+        if cfg.shared_expert_gate:
+            names += ["moe/shared_gate"]
+    else:
+        names += ["mlp/gate", "mlp/up", "mlp/down"]
     if cfg.qkv_bias:
         names += ["attn/q_bias", "attn/k_bias", "attn/v_bias"]
+    if cfg.qk_norm:
+        names += ["attn/q_norm/scale", "attn/k_norm/scale"]
     return names
 
 

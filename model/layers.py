@@ -1,4 +1,5 @@
-"""Flax (linen) layers of a Llama-family decoder block: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+"""Flax (linen) layers of a Llama-family decoder block: RMSNorm, RoPE, GQA attention, SwiGLU MLP
+(or the mixture-of-experts layer of model/moe.py when config.num_experts > 0).
 
 Every parameter carries logical axis names and the main activations carry logical sharding
 constraints; `sharding/` maps the names onto a mesh (on one device they are no-ops).
@@ -79,10 +80,11 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    axis: str = EMBED  # logical name of the normalized (last) dimension
 
     @nn.compact
     def __call__(self, x):
-        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (EMBED,),
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis,),
                                 self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -171,6 +173,9 @@ class Attention(nn.Module):
                                       self.param_dtype).astype(self.dtype)
             v_btkh += param_with_axes(self, "v_bias", zeros, (k, h), (KV_HEADS, HEAD_DIM),
                                       self.param_dtype).astype(self.dtype)
+        if cfg.qk_norm:  # Qwen3: normalize each head's query and key before RoPE
+            q_btnh = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, HEAD_DIM, name="q_norm")(q_btnh)
+            k_btkh = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, HEAD_DIM, name="k_norm")(k_btkh)
         inv_freq = rope_frequencies(cfg)
         q_btnh = constrain(apply_rope(q_btnh, positions_bt, inv_freq), (BATCH, LENGTH, HEADS, HEAD_DIM))
         k_btkh = constrain(apply_rope(k_btkh, positions_bt, inv_freq), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
@@ -240,6 +245,10 @@ class Block(nn.Module):
                                                  page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
-        x_btd = constrain(x_btd + MLP(cfg, self.dtype, self.param_dtype, self.weight_quant, name="mlp")(h),
-                          (BATCH, LENGTH, EMBED))
+        if cfg.is_moe:
+            from model.moe import MoE  # model.moe builds on this module's layers
+            ffn = MoE(cfg, self.dtype, self.param_dtype, self.weight_quant, name="moe")
+        else:
+            ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant, name="mlp")
+        x_btd = constrain(x_btd + ffn(h), (BATCH, LENGTH, EMBED))
         return (x_btd, cache), None
