@@ -23,17 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.checkpoint import Checkpoint
-from model.config import ModelConfig
-from model.decoder import Decoder, KVCache, default_positions, forward, logical_axes
+from model.config import ConfigError, ModelConfig
+from model.decoder import (Decoder, KVCache, abstract_params, default_positions, forward,
+                           logical_axes)
 from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
+from model.kernels import split_impl
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (SamplingError, SamplingParams, SamplingTensors, apply_penalties,
                               sample, top_logprobs)
 from serving.scheduler import Plan, QueueFullError, Request, Scheduler
-from sharding import activation_sharding, get_rules, place_params, tree_shardings
+from sharding import (activation_sharding, fit_rules, get_rules, kv_cache_sharding, logical_dims,
+                      place_params)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_PREFILL_BUCKET = 16
@@ -79,10 +82,24 @@ class Engine:
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
                  progress: bool = False):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+            raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
-            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_PREFILL_BUCKET}, "
-                             f"got {prefill_chunk}")
+            raise ConfigError(f"prefill_chunk must be a power of two >= {MIN_PREFILL_BUCKET}, "
+                              f"got {prefill_chunk}")
+        for name, value, low in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                 ("max_waiting", max_waiting, 0), ("decode_steps", decode_steps, 1),
+                                 ("max_prefill_seqs", max_prefill_seqs, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if num_pages is not None and (not isinstance(num_pages, int) or num_pages < 2):
+            raise ConfigError(f"num_pages must be an integer >= 2 (page 0 is reserved), "
+                              f"got {num_pages!r}")
+        if num_pages is None and not kv_cache_gb > 0:
+            raise ConfigError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
+        try:
+            split_impl(attention)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.source = checkpoint.source
@@ -96,12 +113,14 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         if quantization not in (None, "int8"):
-            raise ValueError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
+            raise ConfigError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
         self.quantization = quantization
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
                              scan_layers=scan_layers)
         self.param_axes = logical_axes(self.model)
+        if mesh is not None:  # dims the mesh cannot split are replicated in params and activations
+            self.rules = fit_rules(self.rules, mesh, logical_dims(abstract_params(self.model)))
         loaders = checkpoint.tree(scan_layers=scan_layers)
         if quantization == "int8":
             loaders = int8_loaders(loaders, self.param_axes)
@@ -122,7 +141,8 @@ class Engine:
         if num_pages is None:
             num_pages = pages_for_budget(self.config, page_size, itemsize, kv_cache_gb)
         self.allocator = PageAllocator(num_pages)
-        self.cache = KVCache.zeros(self.config, num_pages, page_size, self.dtype, self._kv_sharding())
+        self.cache = KVCache.zeros(self.config, num_pages, page_size, self.dtype,
+                                  self._kv_sharding(num_pages))
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs=max_num_seqs,
                                    max_waiting=max_waiting, prefill_chunk=prefill_chunk,
                                    max_prefill_seqs=max_prefill_seqs, decode_steps=decode_steps)
@@ -147,11 +167,10 @@ class Engine:
         return cls(load_checkpoint(model), **kwargs)
 
     # ================================================================ programs
-    def _kv_sharding(self):
+    def _kv_sharding(self, num_pages: int):
         if self.mesh is None:
             return None
-        shapes = {"k": KVCache.shape(self.config, 2, self.page_size)}
-        return tree_shardings({"k": KVCache.AXES}, shapes, self.mesh, self.rules)["k"]
+        return kv_cache_sharding(self.config, num_pages, self.page_size, self.mesh, self.rules)
 
     def _program(self, key, build):
         if key not in self._programs:
@@ -388,13 +407,13 @@ class Engine:
     def _penalty_inputs(self, reqs: list[Request], rows: int, penalties: bool):
         v = self.config.vocab_size
         if not penalties:
-            return jnp.zeros((rows, 1), bool), jnp.zeros((rows, 1), jnp.int32)
+            return jax.device_put(np.zeros((rows, 1), bool)), jax.device_put(np.zeros((rows, 1), np.int32))
         seen = np.zeros((rows, v), bool)
         counts = np.zeros((rows, v), np.int32)
         for r, req in enumerate(reqs):
             seen[r, req.prompt_ids] = True
             np.add.at(counts[r], req.output_ids, 1)
-        return jnp.asarray(seen), jnp.asarray(counts)
+        return jax.device_put(seen), jax.device_put(counts)
 
     def _page_table(self, reqs: list[Request], rows: int, num_tokens: int) -> np.ndarray:
         """[rows, width] page ids covering the first num_tokens positions of each request.
@@ -429,8 +448,8 @@ class Engine:
         seen, counts = self._penalty_inputs(reqs, rows, penalties)
         program = self._prefill_program(penalties, logprobs)
         first, lp, self.cache = program(
-            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(page_table), jnp.asarray(kv_lens), jnp.asarray(logits_at),
+            self.params, self.cache, jax.device_put(tokens), jax.device_put(positions),
+            jax.device_put(page_table), jax.device_put(kv_lens), jax.device_put(logits_at),
             self._sampling(reqs, rows), seen, counts)
         first = np.asarray(first)
         lp = jax.tree.map(np.asarray, lp)
@@ -452,14 +471,15 @@ class Engine:
         pos = np.zeros(rows, np.int32)
         done = np.ones(rows, bool)
         limit = np.zeros(rows, np.int32)
-        stop_ids = np.full((rows, 1 + max(len(r.stop_token_ids) for r in reqs)), -1, np.int32)
+        row_stop_ids = [sorted(req.stop_token_ids | (frozenset() if req.ignore_eos else self.eos_ids))
+                        for req in reqs]
+        stop_ids = np.full((rows, 1 + max(len(ids) for ids in row_stop_ids)), -1, np.int32)
         for r, req in enumerate(reqs):
             last[r] = req.tokens[-1]
             pos[r] = len(req.tokens) - 1
             done[r] = False
             limit[r] = len(req.prompt_ids) + req.max_tokens
-            ids = sorted(req.stop_token_ids | (frozenset() if req.ignore_eos else self.eos_ids))
-            stop_ids[r, :len(ids)] = ids
+            stop_ids[r, :len(row_stop_ids[r])] = row_stop_ids[r]
         page_table = self._page_table(
             reqs, rows, max(min(len(r.tokens) - 1 + plan.decode_steps, len(r.prompt_ids) + r.max_tokens)
                             for r in reqs))
@@ -468,8 +488,9 @@ class Engine:
         seen, counts = self._penalty_inputs(reqs, rows, penalties)
         program = self._decode_program(penalties, logprobs)
         out, lp, steps, self.cache = program(
-            self.params, self.cache, jnp.asarray(last), jnp.asarray(pos), jnp.asarray(page_table),
-            jnp.asarray(done), jnp.asarray(limit), jnp.asarray(stop_ids),
+            self.params, self.cache, jax.device_put(last), jax.device_put(pos),
+            jax.device_put(page_table), jax.device_put(done), jax.device_put(limit),
+            jax.device_put(stop_ids),
             jnp.int32(plan.decode_steps), self._sampling(reqs, rows), seen, counts)
         out, steps = np.asarray(out), int(steps)
         lp = jax.tree.map(np.asarray, lp)
@@ -516,5 +537,143 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(req, reason)
 
+
+    # ================================================================ compile plan (AOT)
+    # Every program serving needs, listed from the configuration (compile_cache.plan), compiled
+    # ahead of time (compile_cache.aot), and dispatched to those executables so that serving
+    # after warmup() never compiles: a call is padded into a planned bucket or refused.
+    def compile_plan(self, buckets=None, *, growth: int = 2,
+                     variants: Sequence[str] = ("plain", "penalties", "logprobs", "full")):
+        """The compile plan (compile_cache.plan.CompilePlan) of this engine's configuration.
+
+        buckets: a compile_cache.ServingBuckets (default: geometric buckets with factor `growth`
+        covering max_num_seqs, max_prefill_seqs, prefill_chunk and max_seq_len; growth=2 is
+        exactly the engine's own rounding). variants: sampling variants of prefill and decode
+        ("plain", "penalties", "logprobs", "full"); "full" is required, as it serves any request.
+        Decode programs run up to decode_steps steps per call (the step count is an input).
+        """
+        from compile_cache.aot import module_paths, source_digest
+        from compile_cache.plan import CompilePlan, PlanError, ProgramSpec, ServingBuckets, abstract
+        from compile_cache import serving_plan as sp
+        limits = dict(max_num_seqs=self.max_num_seqs, max_prefill_seqs=self.scheduler.max_prefill_seqs,
+                      prefill_chunk=self.prefill_chunk, max_seq_len=self.max_seq_len,
+                      page_size=self.page_size)
+        if buckets is None:
+            buckets = ServingBuckets.covering(growth=growth, min_prefill=MIN_PREFILL_BUCKET,
+                                              **limits)
+        buckets.validate_covers(**limits)
+        unknown = [v for v in variants if v not in sp.VARIANTS]
+        if unknown or "full" not in variants:
+            raise PlanError(f"variants must include 'full' and be among {list(sp.VARIANTS)}, "
+                            f"got {list(variants)}")
+        params, cache, vocab = abstract(self.params), abstract(self.cache), self.config.vocab_size
+        row = self._sampling([], 1)
+        programs = []
+        for name in dict.fromkeys(variants):
+            pen, lp = sp.VARIANTS[name]
+            fn = self._jit_program("prefill", pen, lp)
+            for r, t, w in buckets.prefill_shapes(self.page_size):
+                programs.append(ProgramSpec(
+                    sp.prefill_key(name, r, t, w), fn,
+                    sp.prefill_args(params, cache, row, r, t, w, pen, vocab),
+                    {"program": "prefill", "variant": name, "rows": r, "length": t, "width": w}))
+            fn = self._jit_program("decode", pen, lp)
+            for r in buckets.decode_rows:
+                for w in buckets.page_widths:
+                    programs.append(ProgramSpec(
+                        sp.decode_key(name, r, w), fn,
+                        sp.decode_args(params, cache, row, r, w, buckets.stop_width, pen, vocab),
+                        {"program": "decode", "variant": name, "rows": r, "width": w,
+                         "max_steps": self.decode_steps}))
+        fingerprint = {
+            "model": self.config.name, "model_config_hash": self.config.fingerprint(),
+            "dtype": self.dtype_name, "attention": self.model.attention_impl,
+            "quantization": self.quantization, "scan_layers": self.model.scan_layers,
+            "page_size": self.page_size, "num_pages": self.cache.num_pages,
+            "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
+            "mesh": None if self.mesh is None else dict(self.mesh.shape),
+            "rules": None if self.mesh is None else repr(self.rules),
+            "limits": limits, "buckets": buckets.to_dict(), "variants": list(dict.fromkeys(variants)),
+            "code_hash": source_digest(module_paths("model", "sharding", "serving.engine",
+                                                    "serving.sampling")),
+        }
+        return CompilePlan(programs, fingerprint, shared_args={"params": params})
+
+    def warmup(self, plan=None, *, store_dir: str | None = None, progress: bool = False) -> dict:
+        """Compile (or load) every program of `plan` (default: compile_plan()) and serve from
+        those executables from now on. Returns the manifest (compile_cache.manifest).
+
+        store_dir: where serialized executables live (default: the persistent compilation
+        cache directory set by compile_cache.configure_cache, if any)."""
+        from compile_cache import serving_plan as sp
+        from compile_cache.aot import compile_plan
+        from compile_cache.manifest import build_manifest
+        from compile_cache.monitor import counts
+        from compile_cache.plan import PlannedProgram, ServingBuckets
+        plan = plan or self.compile_plan()
+        if store_dir is None:
+            store_dir = jax.config.jax_compilation_cache_dir or None
+        result = compile_plan(plan, store_dir=store_dir, progress=progress)
+        buckets = ServingBuckets.from_dict(plan.fingerprint["buckets"])
+        planned = plan.fingerprint["variants"]
+        row = self._sampling([], 1)
+        with self._lock:
+            # The step stages its small host inputs with jnp.zeros / jnp.asarray, which compile
+            # one tiny program per shape: compiled here rather than while serving.
+            for rows in {next_power_of_two(n) for n in range(1, self.max_num_seqs + 1)}:
+                jax.block_until_ready(self._penalty_inputs([], rows, False))
+            limits = plan.fingerprint["limits"]
+            for shape, dtype in sp.host_input_shapes(
+                    vocab=self.config.vocab_size, stop_width=buckets.stop_width,
+                    min_prefill=MIN_PREFILL_BUCKET, **{k: v for k, v in limits.items()}):
+                jax.block_until_ready(jnp.asarray(np.zeros(shape, dtype)))
+            # score() stages its tokens before reaching its (refusing) program
+            for t in {min(next_power_of_two(n, MIN_PREFILL_BUCKET), self.max_seq_len)
+                      for n in (1 << k for k in range(self.max_seq_len.bit_length() + 1))}:
+                jax.block_until_ready(default_positions(jnp.asarray(np.zeros((1, t), np.int32))))
+            for kind, adapt in (("prefill", sp.adapt_prefill), ("decode", sp.adapt_decode)):
+                for pen, lp in sp.VARIANTS.values():
+                    self._jit_program(kind, pen, lp)  # keep the jit for later plans
+                    self._programs[(kind, pen, lp)] = PlannedProgram(
+                        f"{kind} program", result.executables,
+                        lambda *a, _adapt=adapt, _p=pen, _l=lp: _adapt(
+                            a, buckets=buckets, planned=planned, penalties=_p, logprobs=_l,
+                            vocab=self.config.vocab_size, sampling_row=row),
+                        miss_error=RequestError)
+            self._programs["forward"] = PlannedProgram("score()", {}, self._score_outside_plan)
+            self._plan_size = len(plan.programs)
+            self._compile_baseline = counts()
+        return build_manifest(plan, result)
+
+    @staticmethod
+    def _score_outside_plan(*_args):
+        raise RequestError("score() is not part of the serving compile plan and this engine "
+                           "was warmed up to never compile; score with an engine that was not "
+                           "warmed up")
+
+    def _jit_program(self, kind: str, penalties: bool, logprobs: bool):
+        """The jax.jit function of a prefill/decode variant, even after warmup() replaced the
+        engine's entry with a PlannedProgram."""
+        jits = self.__dict__.setdefault("_jit_programs", {})
+        key = (kind, penalties, logprobs)
+        if key not in jits:
+            current = self._programs.pop(key, None)
+            build = self._prefill_program if kind == "prefill" else self._decode_program
+            jits[key] = build(penalties, logprobs)
+            if current is not None and not hasattr(current, "lower"):
+                self._programs[key] = current  # a planned dispatcher stays in place
+        return jits[key]
+
+    def compile_stats(self) -> dict:
+        """Compilation counters for metrics: planned programs and compilations since warmup
+        (process-wide XLA compile requests, from compile_cache.monitor; 0 when serving only
+        runs planned programs)."""
+        from compile_cache.monitor import counts
+        now = counts()
+        base = getattr(self, "_compile_baseline", None)
+        return {"warmed_up": base is not None, "planned_programs": getattr(self, "_plan_size", 0),
+                "backend_compiles": now.backend_compiles, "cache_hits": now.cache_hits,
+                "compiles_since_warmup": (None if base is None
+                                          else now.backend_compiles - base.backend_compiles)}
 
 __all__ = ["Engine", "GenerationOutput", "StreamChunk", "RequestError", "QueueFullError"]

@@ -77,14 +77,14 @@ class SamplingTensors:
         seeds = [p.seed if p.seed is not None else int(s) % 2**32
                  for p, s in zip(rows, list(default_seeds) + [0] * (batch - len(params)))]
         return cls(
-            temperature=jnp.asarray(np.array([p.temperature for p in rows], np.float32)),
-            top_k=jnp.asarray(np.array([p.top_k for p in rows], np.int32)),
-            top_p=jnp.asarray(np.array([p.top_p for p in rows], np.float32)),
-            min_p=jnp.asarray(np.array([p.min_p for p in rows], np.float32)),
-            seed=jnp.asarray(np.array(seeds, np.uint32)),
-            repetition_penalty=jnp.asarray(np.array([p.repetition_penalty for p in rows], np.float32)),
-            presence_penalty=jnp.asarray(np.array([p.presence_penalty for p in rows], np.float32)),
-            frequency_penalty=jnp.asarray(np.array([p.frequency_penalty for p in rows], np.float32)),
+            temperature=jax.device_put(np.array([p.temperature for p in rows], np.float32)),
+            top_k=jax.device_put(np.array([p.top_k for p in rows], np.int32)),
+            top_p=jax.device_put(np.array([p.top_p for p in rows], np.float32)),
+            min_p=jax.device_put(np.array([p.min_p for p in rows], np.float32)),
+            seed=jax.device_put(np.array(seeds, np.uint32)),
+            repetition_penalty=jax.device_put(np.array([p.repetition_penalty for p in rows], np.float32)),
+            presence_penalty=jax.device_put(np.array([p.presence_penalty for p in rows], np.float32)),
+            frequency_penalty=jax.device_put(np.array([p.frequency_penalty for p in rows], np.float32)),
         )
 
 
