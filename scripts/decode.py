@@ -24,8 +24,8 @@ def main(args) -> int:
     configure_cache(args.compile_cache)
     mesh = make_mesh(args.mesh) if args.mesh else None
     t0 = time.perf_counter()
-    eng = Engine.from_pretrained(args.model, dtype=args.dtype, attention=args.attention, mesh=mesh,
-                                 rules=args.rules, progress=not args.json)
+    eng = Engine.from_pretrained(args.model, mesh=mesh, progress=not args.json,
+                                 **cli.engine_kwargs(args))
     load_s = time.perf_counter() - t0
     prompt = args.prompt
     if args.chat:
@@ -70,4 +70,5 @@ if __name__ == "__main__":
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     cli.add_model_flags(p)
+    cli.add_engine_flags(p)
     cli.run(main, p.parse_args())

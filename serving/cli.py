@@ -38,6 +38,32 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="sharding rule preset: dp, fsdp, tp, fsdp_tp (default: fsdp_tp)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache directory")
+    from sharding.distributed import add_flags
+    add_flags(p)  # --coordinator-address, --num-processes, --process-id, --distributed
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Serving-engine capacity flags shared by decode, serve and the benchmarks."""
+    p.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="KV cache memory budget in GiB (sets the page count)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV cache pages (overrides --kv-cache-gb)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--max-num-seqs", type=int, default=32,
+                   help="sequences decoded together at most (largest decode batch)")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="weight-only quantization for decode (default: none)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """Engine.from_pretrained keyword arguments from add_model_flags/add_engine_flags flags."""
+    kwargs = dict(dtype=args.dtype, attention=args.attention, rules=args.rules)
+    for name in ("kv_cache_gb", "num_pages", "page_size", "max_num_seqs", "quantization"):
+        if hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "kv_cache_gb", 1.0) is not None and args.kv_cache_gb <= 0:
+        raise CLIError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
+    return kwargs
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -46,9 +72,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from model.config import ConfigError
     from serving.engine import RequestError
     from serving.sampling import SamplingError
+    from sharding.distributed import DistributedError
     from sharding.mesh import MeshError
+    from sharding.rules import ShardingError
     errors = [CLIError, WeightsError, ConfigError, RequestError, SamplingError, MeshError,
-              FileNotFoundError]
+              ShardingError, DistributedError, FileNotFoundError]
     try:
         from model.tokenizer import TokenizerError
         errors.append(TokenizerError)
@@ -60,6 +88,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> None:
     """Call main(args) and exit with a code scripts can rely on."""
     try:
+        if hasattr(args, "distributed"):  # scripts with add_model_flags join a multi-process job
+            from sharding.distributed import initialize_from_args
+            initialize_from_args(args)
         code = main(args) or EXIT_OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -108,3 +108,17 @@ def test_bad_requests_get_clear_errors(shared_tiny_engine, kwargs, fragment):
     with pytest.raises(RequestError, match=fragment):
         eng.generate(prompts, **kwargs)
     assert eng.generate([1, 2], max_new_tokens=2)[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(page_size=0), "page_size must be an integer >= 1"),
+    (dict(num_pages=1), "num_pages must be an integer >= 2"),
+    (dict(kv_cache_gb=0.0), "kv_cache_gb must be > 0"),
+    (dict(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
+    (dict(attention="flash"), "attention='flash' is not one of"),
+    (dict(dtype="float16"), "dtype='float16' is not supported"),
+])
+def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs, message):
+    from model.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_tiny_engine(**kwargs)
