@@ -169,8 +169,9 @@ def init_state(model: Decoder, tx, shardings: Shardings, seed: int, params=None)
         with activation_sharding(shardings.mesh, shardings.rules):
             params = init_params(model, init_rng, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    rng = jax.device_put(jax.random.key_data(state_rng), shardings.replicated)
-    step = jax.device_put(jnp.int32(0), shardings.replicated)
+    # jit with out_shardings (not device_put) so this also works when the mesh spans processes
+    rng = jax.jit(lambda: jax.random.key_data(state_rng), out_shardings=shardings.replicated)()
+    step = jax.jit(lambda: jnp.int32(0), out_shardings=shardings.replicated)()
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 

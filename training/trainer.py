@@ -195,7 +195,9 @@ class Trainer:
         return int(jax.device_get(self.state.step))
 
     def put(self, batch: dict) -> dict:
-        return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
+        # Every process holds the same global batch (deterministic pipeline); each builds only
+        # its own devices' shards, so this works on one process and across many.
+        return {k: _global_array(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
 
     def evaluate(self) -> float:
         """Mean cross-entropy per target token over the held-out batches (nan without any)."""
@@ -322,3 +324,7 @@ def _write_run_file(run_dir: str, cfg: TrainConfig, model_cfg: ModelConfig) -> N
     with open(tmp, "w") as f:
         json.dump({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, f, indent=2)
     os.replace(tmp, os.path.join(run_dir, RUN_FILE))
+
+
+def _global_array(x: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
