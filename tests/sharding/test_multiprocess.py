@@ -5,6 +5,7 @@ spans both processes (the data axis crosses the process boundary, fsdp and tenso
 each). The pytest process (one device) computes the references.
 """
 
+import pathlib
 import numpy as np
 import pytest
 
@@ -14,7 +15,12 @@ from subprocess_runner import run_multiprocess
 def _reference(tmp_path):
     import jax
 
-    from conftest import tiny_checkpoint
+    import importlib.util  # tests/conftest.py by path: other conftest modules share its name
+    spec = importlib.util.spec_from_file_location(
+        "tests_conftest", pathlib.Path(__file__).parents[1] / "conftest.py")
+    top = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(top)
+    tiny_checkpoint = top.tiny_checkpoint
     from mesh_checks import host_params, loss_fn
     from model.config import get_preset
     from model.decoder import Decoder, forward
