@@ -139,30 +139,3 @@ def adapt_decode(args, *, buckets: ServingBuckets, planned, penalties: bool, log
         params, cache, fit(last, (r,)), fit(pos, (r,)), fit(page_table, (r, w)),
         fit(done, (r,), True), fit(limit, (r,)), fit(stop_ids, (r, buckets.stop_width), -1),
         np.int32(steps), fit_rows(sampling, r, sampling_row), seen, counts)
-
-
-def host_input_shapes(*, max_num_seqs: int, max_prefill_seqs: int, prefill_chunk: int,
-                      max_seq_len: int, page_size: int, vocab: int, stop_width: int,
-                      min_prefill: int = 16) -> list[tuple[tuple[int, ...], str]]:
-    """Every (shape, dtype) of a host array the engine's step stages onto the device.
-
-    With jax 0.10, `jnp.asarray(ndarray)` runs a tiny `stage` program compiled once per shape
-    and dtype; warming these up keeps the compile counter at zero while serving. Stop-id tables
-    wider than `stop_width` (requests with more stop_token_ids) are not covered."""
-    def pow2s(hi, lo=1):
-        out = [lo]
-        while out[-1] < hi:
-            out.append(out[-1] * 2)
-        return out
-    rows = pow2s(max_num_seqs)
-    widths = pow2s(-(-max_seq_len // page_size))
-    shapes = set()
-    for r in rows:
-        shapes |= {((r,), dt) for dt in ("int32", "float32", "uint32", "bool")}
-        shapes |= {((r, w), "int32") for w in widths}
-        shapes |= {((r, s), "int32") for s in range(1, stop_width + 1)}
-        shapes |= {((r, vocab), "bool"), ((r, vocab), "int32")}
-    for r in pow2s(min(max_prefill_seqs, max_num_seqs)):
-        shapes |= {((r, t), "int32") for t in pow2s(prefill_chunk, min_prefill)}
-    shapes.add(((), "int32"))
-    return sorted(shapes)

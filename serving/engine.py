@@ -24,7 +24,7 @@ import numpy as np
 
 from model.checkpoint import Checkpoint
 from model.config import ConfigError, ModelConfig
-from model.decoder import (Decoder, KVCache, abstract_params, default_positions, forward,
+from model.decoder import (Decoder, KVCache, abstract_params, forward,
                            logical_axes)
 from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
@@ -308,9 +308,10 @@ class Engine:
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :len(ids)] = ids
         with activation_sharding(self.mesh, self.rules):
-            tokens = jnp.asarray(tokens)
-            logits = self._forward_program()(self.params, tokens, default_positions(tokens))
-        return np.asarray(logits[0, :len(ids)], dtype=np.float32)
+            positions = np.arange(t, dtype=np.int32)[None, :]
+            logits = self._forward_program()(self.params, jax.device_put(tokens),
+                                             jax.device_put(positions))
+        return np.asarray(logits, dtype=np.float32)[0, :len(ids)]
 
     def add_request(self, request: Request) -> Request:
         """Queue a request made by make_request (QueueFullError when the queue is full)."""
@@ -491,7 +492,7 @@ class Engine:
             self.params, self.cache, jax.device_put(last), jax.device_put(pos),
             jax.device_put(page_table), jax.device_put(done), jax.device_put(limit),
             jax.device_put(stop_ids),
-            jnp.int32(plan.decode_steps), self._sampling(reqs, rows), seen, counts)
+            np.int32(plan.decode_steps), self._sampling(reqs, rows), seen, counts)
         out, steps = np.asarray(out), int(steps)
         lp = jax.tree.map(np.asarray, lp)
         self.stats["decode_calls"] += 1
@@ -618,19 +619,6 @@ class Engine:
         planned = plan.fingerprint["variants"]
         row = self._sampling([], 1)
         with self._lock:
-            # The step stages its small host inputs with jnp.zeros / jnp.asarray, which compile
-            # one tiny program per shape: compiled here rather than while serving.
-            for rows in {next_power_of_two(n) for n in range(1, self.max_num_seqs + 1)}:
-                jax.block_until_ready(self._penalty_inputs([], rows, False))
-            limits = plan.fingerprint["limits"]
-            for shape, dtype in sp.host_input_shapes(
-                    vocab=self.config.vocab_size, stop_width=buckets.stop_width,
-                    min_prefill=MIN_PREFILL_BUCKET, **{k: v for k, v in limits.items()}):
-                jax.block_until_ready(jnp.asarray(np.zeros(shape, dtype)))
-            # score() stages its tokens before reaching its (refusing) program
-            for t in {min(next_power_of_two(n, MIN_PREFILL_BUCKET), self.max_seq_len)
-                      for n in (1 << k for k in range(self.max_seq_len.bit_length() + 1))}:
-                jax.block_until_ready(default_positions(jnp.asarray(np.zeros((1, t), np.int32))))
             for kind, adapt in (("prefill", sp.adapt_prefill), ("decode", sp.adapt_decode)):
                 for pen, lp in sp.VARIANTS.values():
                     self._jit_program(kind, pen, lp)  # keep the jit for later plans
