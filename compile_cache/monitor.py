@@ -33,10 +33,20 @@ class CompileCounts:
 _counts = CompileCounts()
 _lock = threading.Lock()
 _installed = False
+_local = threading.local()  # the counts of the calling thread (JAX reports in the compiling one)
+
+
+def _thread_counts() -> CompileCounts:
+    if not hasattr(_local, "counts"):
+        _local.counts = CompileCounts()
+    return _local.counts
 
 
 def _on_duration(event: str, duration_secs: float, **_kwargs) -> None:
     if event == _BACKEND_COMPILE:
+        mine = _thread_counts()
+        mine.backend_compiles += 1
+        mine.backend_compile_seconds += duration_secs
         with _lock:
             _counts.backend_compiles += 1
             _counts.backend_compile_seconds += duration_secs
@@ -44,6 +54,7 @@ def _on_duration(event: str, duration_secs: float, **_kwargs) -> None:
 
 def _on_event(event: str, **_kwargs) -> None:
     if event == _CACHE_HIT:
+        _thread_counts().cache_hits += 1
         with _lock:
             _counts.cache_hits += 1
 
@@ -64,6 +75,13 @@ def counts() -> CompileCounts:
     install()
     with _lock:
         return CompileCounts(**vars(_counts))
+
+
+def thread_counts() -> CompileCounts:
+    """A snapshot of the counts of compilations made by the calling thread: what one
+    compile() did when other threads compile at the same time."""
+    install()
+    return CompileCounts(**vars(_thread_counts()))
 
 
 install()

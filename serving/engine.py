@@ -600,12 +600,14 @@ class Engine:
         }
         return CompilePlan(programs, fingerprint, shared_args={"params": params})
 
-    def warmup(self, plan=None, *, store_dir: str | None = None, progress: bool = False) -> dict:
+    def warmup(self, plan=None, *, store_dir: str | None = None, progress: bool = False,
+               workers: int | None = None) -> dict:
         """Compile (or load) every program of `plan` (default: compile_plan()) and serve from
         those executables from now on. Returns the manifest (compile_cache.manifest).
 
         store_dir: where serialized executables live (default: the persistent compilation
-        cache directory set by compile_cache.configure_cache, if any)."""
+        cache directory set by compile_cache.configure_cache, if any). workers: XLA compilation
+        threads (default: one per core, see compile_cache.aot.default_workers)."""
         from compile_cache import serving_plan as sp
         from compile_cache.aot import compile_plan
         from compile_cache.manifest import build_manifest
@@ -614,7 +616,7 @@ class Engine:
         plan = plan or self.compile_plan()
         if store_dir is None:
             store_dir = jax.config.jax_compilation_cache_dir or None
-        result = compile_plan(plan, store_dir=store_dir, progress=progress)
+        result = compile_plan(plan, store_dir=store_dir, progress=progress, workers=workers)
         buckets = ServingBuckets.from_dict(plan.fingerprint["buckets"])
         planned = plan.fingerprint["variants"]
         row = self._sampling([], 1)
