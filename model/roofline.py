@@ -9,8 +9,8 @@ prefill or decode step must do at the least:
   routes to: with uniform routing, E * (1 - (1 - k/E)^tokens) per layer), plus the KV cache read
   (decode: each sequence's context) and written (the new tokens).
 - bytes over the interconnect, per device: tensor parallel all-reduces two [tokens, d_model]
-  activations per layer, expert parallel sends each token to its k experts and back (all-to-all),
-  FSDP all-gathers the weights it shards.
+  activations per layer, expert parallel exchanges fixed-capacity token buffers with all-to-all
+  (model/moe.py's dispatch: `expert_dispatch_bytes`), FSDP all-gathers the weights it shards.
 `predict` turns them into lower bounds: time = max(FLOPs / peak FLOP/s, bytes / bandwidth,
 communication / interconnect), and names the bound that binds. TTFT >= prefill time of the prompt;
 TPOT >= one decode step.
@@ -171,10 +171,28 @@ def kv_bytes_per_token(config: ModelConfig, bytes_per_value: float) -> float:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * bytes_per_value
 
 
+def expert_dispatch_bytes(config: ModelConfig, tokens_per_device: float, expert: int,
+                          bytes_per_value: float) -> float:
+    """Bytes one device sends in one MoE layer with model/moe.py's all-to-all dispatch.
+
+    Each device holds n = ceil(tokens_per_device) tokens (padded) and sends every peer a buffer
+    of n rows (the dropless worst case: a token goes at most once to each device): out, the
+    [n, d_model] activations plus min(k, E/expert) int32 expert ids and gates per row; back, the
+    [n, d_model] results. (expert - 1) / expert of each all-to-all leaves the device. An ideal
+    ragged exchange would send ~k/expert of these rows (model/moe.py, docs/MOE.md).
+    """
+    c = config
+    rows = math.ceil(tokens_per_device)
+    slots = min(c.experts_per_token, c.num_experts // expert)
+    out = rows * (c.d_model * bytes_per_value + slots * (4 + bytes_per_value))
+    back = rows * c.d_model * bytes_per_value
+    return (expert - 1) * (out + back)
+
+
 def comm_bytes(config: ModelConfig, layout: Layout, tokens: int, bytes_per_value: float,
                bytes_per_param: float) -> float:
     """Bytes one device sends per step: TP all-reduces (ring: 2 (t-1)/t of the data), EP
-    all-to-all dispatch and combine of each token's k copies, FSDP weight all-gathers."""
+    all-to-all dispatch and combine (`expert_dispatch_bytes`), FSDP weight all-gathers."""
     c = config
     total = 0.0
     local_tokens = tokens / (layout.data * layout.fsdp)
@@ -184,7 +202,7 @@ def comm_bytes(config: ModelConfig, layout: Layout, tokens: int, bytes_per_value
         total += c.num_layers * 2 * act * 2 * (t - 1) / t
     e = layout.expert
     if e > 1 and c.is_moe:
-        total += c.num_layers * 2 * (act / e) * c.experts_per_token * (e - 1) / e
+        total += c.num_layers * expert_dispatch_bytes(c, local_tokens / e, e, bytes_per_value)
     f = layout.fsdp
     if f > 1:
         total += c.num_params() * bytes_per_param / t * (f - 1) / f

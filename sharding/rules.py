@@ -69,10 +69,12 @@ RULE_PRESETS: dict[str, Rules] = {
     "fsdp_tp": _COMMON + (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
                           ("mlp", "tensor"), ("vocab", "tensor")),
     # Expert parallel (+ tensor): routed experts split over `expert` (each device holds
-    # num_experts / expert of them), everything else tensor parallel. Outside the MoE layers the
-    # batch is split over data, fsdp and expert alike, so attention is not repeated on the expert
-    # devices; the MoE layer (model/moe.py) gathers its tokens over `expert`, each device runs
-    # its own experts' grouped matmuls, and the partial outputs are summed over `expert`.
+    # num_experts / expert of them), everything else tensor parallel. The batch is split over
+    # data, fsdp and expert alike, so attention is not repeated on the expert devices. The MoE
+    # layer (model/moe.py) dispatches under shard_map: each device sends its tokens to the
+    # devices holding their experts with an all-to-all over `expert`, they run their experts'
+    # grouped matmuls (hidden width split over tensor) and send the results back with a second
+    # all-to-all; with expert = 1 it is an ordinary tensor-parallel layer.
     "ep": (("batch", ("data", "fsdp", "expert")),) + _COMMON + (
         ("embed", None), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
         ("vocab", "tensor")),
