@@ -37,12 +37,18 @@ class KVCache:
     """Paged keys and values of every layer: [layers, kv_heads, num_pages, page_size, head_dim].
 
     Page 0 is reserved as the sink for padding tokens; allocators hand out pages 1..num_pages-1.
+    A float cache holds k, v in the compute dtype and no scales. An int8 cache holds k, v as
+    int8 with float32 scales k_scale, v_scale [layers, kv_heads, num_pages, 1, page_size], one
+    per token and kv head (symmetric absmax / 127, written with the token; k = k_int8 * k_scale).
     """
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     AXES = (LAYERS, KV_HEADS, CACHE_PAGES, CACHE_PAGE_SLOT, HEAD_DIM)
+    SCALE_AXES = (LAYERS, KV_HEADS, CACHE_PAGES, None, CACHE_PAGE_SLOT)
 
     @property
     def num_pages(self) -> int:
@@ -52,19 +58,34 @@ class KVCache:
     def page_size(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
     @classmethod
     def shape(cls, config: ModelConfig, num_pages: int, page_size: int):
         return (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
 
     @classmethod
+    def scale_shape(cls, config: ModelConfig, num_pages: int, page_size: int):
+        return (config.num_layers, config.num_kv_heads, num_pages, 1, page_size)
+
+    @classmethod
     def zeros(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
-              sharding=None) -> "KVCache":
+              sharding=None, scale_sharding=None) -> "KVCache":
+        """dtype: the compute dtype (a float cache) or int8 (with float32 scales, placed with
+        scale_sharding)."""
         shape = cls.shape(config, num_pages, page_size)
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return cls(k=make(), v=make())
+        if jnp.dtype(dtype) != jnp.int8:
+            return cls(k=make(), v=make())
+        scale_shape = cls.scale_shape(config, num_pages, page_size)
+        make_scale = jax.jit(lambda: jnp.zeros(scale_shape, jnp.float32),
+                             out_shardings=scale_sharding)
+        return cls(k=make(), v=make(), k_scale=make_scale(), v_scale=make_scale())
 
     def bytes(self) -> int:
-        return 2 * self.k.size * self.k.dtype.itemsize
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
 
 class Decoder(nn.Module):
@@ -113,7 +134,7 @@ class Decoder(nn.Module):
         if self.remat_policy != "none":
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant)
-        kv = None if cache is None else (cache.k, cache.v)
+        kv = None if cache is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
         if self.scan_layers:
             stack = nn.scan(
                 block,
@@ -130,7 +151,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_layers):
                 (x_btd, kv), _ = block(*block_args, name=f"layers_{i}")(
                     (x_btd, kv), i, positions_bt, segment_ids_bt, page_table, kv_lens)
-        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1])
+        new_cache = None if cache is None else KVCache(*kv)
 
         x_btd = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x_btd)
         if logits_at is not None:

@@ -9,6 +9,7 @@ h head_dim, f ffn_dim, v vocab.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -120,7 +121,7 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
     return out.astype(x_btnh.dtype)
 
 
-def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens):
+def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens, scales=False):
     """Scatter new keys or values of one layer into the stacked paged cache, in place.
 
     cache [layers, kv_heads, num_pages, page_size, head_dim]; new_btkh [B, T, kv_heads, head_dim]
@@ -128,8 +129,10 @@ def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens):
     page allocator reserves and never hands out, so they can never overwrite real entries.
     The whole stacked cache is indexed (not a per-layer slice) so that XLA updates the loop-carried
     buffer in place instead of copying a layer's cache per step.
+    scales=True: cache is an int8 cache's scales [layers, kv_heads, num_pages, 1, page_size]
+    and new_btkh their values [B, T, kv_heads].
     """
-    page_size = cache.shape[3]
+    page_size = cache.shape[-1] if scales else cache.shape[3]
     logical_page = positions_bt // page_size
     page_ids = jnp.take_along_axis(page_table, jnp.clip(logical_page, 0, page_table.shape[1] - 1),
                                    axis=1)
@@ -137,6 +140,9 @@ def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens):
     page_ids = jnp.where(valid, page_ids, 0)
     slots = jnp.where(valid, positions_bt % page_size, 0)
     # Advanced indices separated by a slice: the indexed view is [B, T, kv_heads, head_dim].
+    if scales:
+        return cache.at[layer, :, page_ids, 0, slots].set(new_btkh.astype(cache.dtype),
+                                                          mode="drop")
     return cache.at[layer, :, page_ids, slots].set(new_btkh.astype(cache.dtype), mode="drop")
 
 
@@ -151,8 +157,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
-        """cache: None (full-sequence attention) or (k, v) stacked over layers; returns the
-        output and the cache with this layer's new keys/values written."""
+        """cache: None (full-sequence attention) or (k, v, k_scale, v_scale) stacked over layers
+        (scales None for a float cache; with them k, v are int8); returns the output and the
+        cache with this layer's new keys/values written."""
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
@@ -187,12 +194,22 @@ class Attention(nn.Module):
                 causal=True, sliding_window=cfg.sliding_window, q_segment_ids=segment_ids_bt,
                 kv_segment_ids=segment_ids_bt)
         else:
-            k_cache = write_kv_pages(cache[0], layer, k_btkh, positions_bt, page_table, kv_lens)
-            v_cache = write_kv_pages(cache[1], layer, v_btkh, positions_bt, page_table, kv_lens)
-            cache = (k_cache, v_cache)
+            k_cache, v_cache, k_scale, v_scale = cache
+            write = functools.partial(write_kv_pages, layer=layer, positions_bt=positions_bt,
+                                      page_table=page_table, kv_lens=kv_lens)
+            if k_scale is None:
+                k_cache, v_cache = write(k_cache, new_btkh=k_btkh), write(v_cache, new_btkh=v_btkh)
+            else:  # int8: quantized once when written, scales [B, T, kv_heads] beside them
+                k_int8, k_scale_btk = kernels.quantize_int8(k_btkh)
+                v_int8, v_scale_btk = kernels.quantize_int8(v_btkh)
+                k_cache, v_cache = write(k_cache, new_btkh=k_int8), write(v_cache, new_btkh=v_int8)
+                k_scale = write(k_scale, new_btkh=k_scale_btk, scales=True)
+                v_scale = write(v_scale, new_btkh=v_scale_btk, scales=True)
+            cache = (k_cache, v_cache, k_scale, v_scale)
             out_btnh = kernels.paged_attention(
                 q_btnh, k_cache, v_cache, layer, page_table, positions_bt, kv_lens,
-                impl=self.attention_impl, sliding_window=cfg.sliding_window)
+                impl=self.attention_impl, sliding_window=cfg.sliding_window, k_scale=k_scale,
+                v_scale=v_scale)
         out_btnh = constrain(out_btnh, (BATCH, LENGTH, HEADS, HEAD_DIM))
         out_btd = scaled(linear(out_btnh, w_o, contract=2), s_o)  # BTNH,NHD->BTD
         return out_btd, cache

@@ -1,6 +1,7 @@
 """Decode benchmark: batch-1 ms/token, 512-token TTFT, and concurrent throughput; prints JSON.
 
     python scripts/bench_decode.py                       # xlrt float32 and int8
+    python scripts/bench_decode.py --kv-cache-dtype auto int8   # + a float32 row with int8 KV
     python scripts/bench_decode.py --llama-python /path/to/venv/bin/python   # + llama.cpp side by side
 
 llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 with
@@ -27,12 +28,13 @@ def _long_prompt(n: int) -> list[int]:
     return [1000 + (i * 7919) % 40000 for i in range(n)]
 
 
-def bench_xlrt(args, quantization) -> dict:
+def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
     from serving import Engine
 
     eng = Engine.from_pretrained(args.model, dtype="float32", attention=args.attention,
                                  quantization=quantization, decode_steps=args.decode_steps,
-                                 max_num_seqs=max(args.concurrency), kv_cache_gb=args.kv_cache_gb)
+                                 max_num_seqs=max(args.concurrency), kv_cache_gb=args.kv_cache_gb,
+                                 kv_cache_dtype=kv_cache_dtype)
     new = args.new_tokens
     gen = lambda prompts, n: eng.generate(prompts, max_new_tokens=n, ignore_eos=True)
     gen(PROMPT_5, new + 1)  # compile the programs this measurement uses
@@ -55,7 +57,8 @@ def bench_xlrt(args, quantization) -> dict:
         throughput[str(c)] = round(statistics.median(runs), 1)
     return {"ms_per_token_b1": round(statistics.median(per_token), 2),
             "ttft_512_s": round(statistics.median(ttft), 3),
-            "output_tokens_per_s": throughput}
+            "output_tokens_per_s": throughput, "kv_cache_dtype": kv_cache_dtype,
+            "kv_pages": eng.allocator.capacity}
 
 
 def bench_llama_cpp(args) -> dict:
@@ -116,14 +119,22 @@ def main(args) -> int:
             if proc.returncode:
                 raise RuntimeError(f"llama.cpp benchmark failed: {proc.stderr.strip()[-2000:]}")
             llama = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["xlrt"] = {"float32": bench_xlrt(args, None)}
+    result["xlrt"] = {}
+    if "auto" in args.kv_cache_dtype:
+        result["xlrt"]["float32"] = bench_xlrt(args, None)
+    for kv in dict.fromkeys(args.kv_cache_dtype):  # float32 weights, another KV cache dtype
+        if kv != "auto":
+            result["xlrt"][f"float32_kv_{kv}"] = bench_xlrt(args, None, kv)
     if not args.skip_int8:
         result["xlrt"]["int8"] = bench_xlrt(args, "int8")
     if llama:
         result["llama_cpp"] = llama
         x = result["xlrt"]
-        ratios = {"f32_ms_per_token_xlrt_over_llama": x["float32"]["ms_per_token_b1"] / llama["F32"]["ms_per_token_b1"],
-                  "f32_ttft_512_xlrt_over_llama": x["float32"]["ttft_512_s"] / llama["F32"]["ttft_512_s"]}
+        ratios = {}
+        if "float32" in x:
+            f32, ref = x["float32"], llama["F32"]
+            ratios = {"f32_ms_per_token_xlrt_over_llama": f32["ms_per_token_b1"] / ref["ms_per_token_b1"],
+                      "f32_ttft_512_xlrt_over_llama": f32["ttft_512_s"] / ref["ttft_512_s"]}
         if "int8" in x:
             ratios["int8_ms_per_token_xlrt_over_llama_q8_0"] = (
                 x["int8"]["ms_per_token_b1"] / llama["Q8_0"]["ms_per_token_b1"])
@@ -158,7 +169,10 @@ elif __name__ == "__main__":
                    help="concurrent requests for the throughput figures")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per device call")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache budget")
-    p.add_argument("--skip-int8", action="store_true", help="measure float32 only")
+    p.add_argument("--skip-int8", action="store_true", help="no int8-weights row")
+    p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "int8"],
+                   help="KV cache dtypes of the float32-weight rows (auto: float32 KV; int8: "
+                        "a 'float32_kv_int8' row)")
     p.add_argument("--llama-python", default=None,
                    help="python of a venv with llama-cpp-python, to run llama.cpp side by side")
     p.add_argument("--work-dir", default=os.path.expanduser("~/.cache/xlrt/bench"),

@@ -3,6 +3,7 @@
     export(engine, "out/", platforms=("cpu", "cuda", "tpu"))    # scripts/export.py
     art = load("out/")                                          # imports jax, numpy, tokenizers,
     art.generate(["Hello"], max_new_tokens=16)                  # safetensors; never model/
+    ArtifactEngine.load("out/")     # serving.artifact_engine: continuous batching, HTTP server
 
 An artifact directory holds:
   manifest.json             shapes, buckets, versions, config, and a sha256 of every file
@@ -11,7 +12,8 @@ An artifact directory holds:
   programs/<platform>/prefill_r{rows}_t{len}.jaxexp, decode_r{rows}.jaxexp   (jax.export)
 Programs are flat: (param leaves..., k_cache, v_cache, inputs...) -> (logits, k_cache, v_cache),
 with the KV cache paged as in the Engine: [layers, kv_heads, num_pages, page_size, head_dim],
-page 0 the sink for padding; sequence slot b owns pages 1 + b*W ... (b+1)*W (W pages_per_seq).
+page 0 the sink for padding, page_table [rows, W] (W pages_per_seq). Artifact.generate gives
+slot b pages 1 + b*W ... (b+1)*W; ArtifactEngine hands pages out with serving.kv_pages.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def export(engine, out_dir: str, *, platforms=("cpu",), shapes: ExportShapes = E
     if engine.quantization:
         raise ArtifactError("exporting int8-quantized engines is not supported; export the "
                             "float32/bfloat16 model")
+    if getattr(engine, "kv_cache_dtype", "auto") != "auto":
+        raise ArtifactError(f"exporting an engine with kv_cache_dtype={engine.kv_cache_dtype!r} "
+                            "is not supported: artifacts carry a KV cache in the model dtype; "
+                            "export an engine with kv_cache_dtype='auto'")
     cfg = engine.config
     max_seq_len = min(shapes.max_seq_len, engine.max_seq_len)
     page_size = engine.page_size
@@ -188,7 +194,8 @@ def export(engine, out_dir: str, *, platforms=("cpu",), shapes: ExportShapes = E
 
 # ============================================================================ load and run
 class ArtifactTokenizer:
-    """encode/decode from tokenizer.json with the Engine tokenizer's BOS/EOS rules."""
+    """encode/decode from tokenizer.json with the Engine tokenizer's BOS/EOS rules, and the chat
+    template of tokenizer_config.json rendered as the Engine's tokenizer renders it."""
 
     def __init__(self, directory: str, info: dict):
         from tokenizers import Tokenizer
@@ -197,9 +204,25 @@ class ArtifactTokenizer:
         self.eos_ids = frozenset(info["eos_ids"])
         self.add_bos, self.add_eos = info["add_bos"], info["add_eos"]
         self.eos_id = min(self.eos_ids) if self.eos_ids else None
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ArtifactError(f"tokenizer_config.json chat_template is a "
+                                f"{type(template).__name__}, not a string")
+        self.chat_template = template
+        # Templates want the special tokens' literal text, e.g. "<|im_start|>".
+        self._bos_text = config.get("bos_token") or ""
+        self._eos_text = config.get("eos_token") or ""
+        self._template = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
+        if not add_special_tokens:
+            return ids
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         if self.add_eos and self.eos_id is not None:
@@ -209,13 +232,65 @@ class ArtifactTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **kwargs) -> str | list[int]:
+        """The prompt text of `messages` (or its ids when `tokenize`, encoded without adding
+        BOS: templates write it). ArtifactError names a bad message or template."""
+        if self.chat_template is None:
+            raise ArtifactError("this artifact's tokenizer_config.json has no chat template")
+        if not isinstance(messages, list) or not messages:
+            raise ArtifactError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"] \
+                    or not isinstance(m.get("content"), str):
+                raise ArtifactError(f"message {i} needs a non-empty 'role' string and a "
+                                    f"'content' string")
+        if self._template is None:
+            try:
+                self._template = _chat_environment().from_string(self.chat_template)
+            except Exception as e:
+                raise ArtifactError(f"the chat template does not parse: {e}") from None
+        context = {"bos_token": self._bos_text, "eos_token": self._eos_text, **kwargs,
+                   "messages": messages, "add_generation_prompt": add_generation_prompt}
+        try:
+            text = self._template.render(**context)
+        except ArtifactError:
+            raise
+        except Exception as e:
+            raise ArtifactError(f"rendering the chat template failed: "
+                                f"{type(e).__name__}: {e}") from None
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _chat_environment():
+    """A sandboxed jinja2 environment with the settings and globals chat templates expect
+    (trim/lstrip blocks, loop controls, tojson keeping non-ASCII, raise_exception,
+    strftime_now), as model/tokenizer.py sets up for the Engine (which artifacts cannot import)."""
+    import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ArtifactError(f"chat template error: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+        sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                    separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
 
 @dataclasses.dataclass
 class ArtifactOutput:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS, stop token or stop string), "length" or "abort"
     prompt_token_ids: list[int]
+    logprobs: list | None = None  # ArtifactEngine: per token (logprob, [(id, logprob) x top-n])
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -249,7 +324,9 @@ class Artifact:
         self._cache_shape, self._cache_dtype = tuple(manifest["cache_shape"]), dtype
         self._k = self._v = None
 
-    def _program(self, kind: str, rows: int, length: int | None):
+    def program(self, kind: str, rows: int, length: int | None = None):
+        """The jitted exported program: ("prefill", rows, length) or ("decode", rows). Both
+        take (params, k_cache, v_cache, ...) and donate the caches."""
         key = (kind, rows, length)
         if key not in self._programs:
             import jax
@@ -262,11 +339,15 @@ class Artifact:
             self._programs[key] = jax.jit(exported.call, donate_argnums=(1, 2))
         return self._programs[key]
 
-    def _fresh_cache(self):
+    def new_cache(self):
+        """Zeroed (k_cache, v_cache), each [layers, kv_heads, num_pages, page_size, head_dim]."""
         import jax.numpy as jnp
+        return (jnp.zeros(self._cache_shape, self._cache_dtype),
+                jnp.zeros(self._cache_shape, self._cache_dtype))
+
+    def _fresh_cache(self):
         if self._k is None:  # reused across calls: every sequence rewrites what it reads
-            self._k = jnp.zeros(self._cache_shape, self._cache_dtype)
-            self._v = jnp.zeros(self._cache_shape, self._cache_dtype)
+            self._k, self._v = self.new_cache()
 
     def _pick(self, logits: np.ndarray, temperature: float, top_k: int, rng, positions):
         if temperature <= 0:
@@ -330,7 +411,7 @@ class Artifact:
                 tokens[b, :len(c)] = c
                 kv_lens[b] = start + len(c) if c else 0
                 logits_at[b] = max(len(c) - 1, 0)
-            logits, self._k, self._v = self._program("prefill", r, t)(
+            logits, self._k, self._v = self.program("prefill", r, t)(
                 self.params, self._k, self._v, tokens, positions, table, kv_lens, logits_at)
             logits = np.asarray(logits)
             for b, c in enumerate(chunk):
@@ -342,7 +423,7 @@ class Artifact:
         reasons = ["length"] * n
         nxt = self._pick(last_logits, temperature, top_k, rng, lens)
         pos = lens.copy()  # position of the token being fed next
-        program = self._program("decode", r, None)
+        program = self.program("decode", r)
         while True:
             for b in range(n):
                 if done[b]:

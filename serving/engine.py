@@ -32,19 +32,16 @@ from model.kernels import split_impl
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
-from serving.sampling import (SamplingError, SamplingParams, SamplingTensors, apply_penalties,
-                              sample, top_logprobs)
-from serving.scheduler import Plan, QueueFullError, Request, Scheduler
+from serving.sampling import (MAX_LOGPROBS, SamplingError, SamplingParams, SamplingTensors,
+                              apply_penalties, sample, top_logprobs)
+from serving.scheduler import Plan, QueueFullError, Request, RequestError, Scheduler
 from sharding import (activation_sharding, fit_rules, get_rules, kv_cache_sharding, logical_dims,
                       place_params)
+from sharding.placement import kv_scale_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the compute dtype
 MIN_PREFILL_BUCKET = 16
-MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve; the message names the problem and the limit."""
 
 
 @dataclasses.dataclass
@@ -80,7 +77,7 @@ class Engine:
                  kv_cache_gb: float = 1.0, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
-                 progress: bool = False):
+                 kv_cache_dtype: str = "auto", progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -114,7 +111,11 @@ class Engine:
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         if quantization not in (None, "int8"):
             raise ConfigError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; choose one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         self.quantization = quantization
+        self.kv_cache_dtype = kv_cache_dtype
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
                              scan_layers=scan_layers)
@@ -137,12 +138,15 @@ class Engine:
             eos.add(self.config.eos_id)
         self.eos_ids = frozenset(eos)
 
-        itemsize = jnp.dtype(self.dtype).itemsize
+        # int8 KV: one byte per element plus a float32 scale per (token, kv head), for k and v.
+        cache_dtype = jnp.int8 if kv_cache_dtype == "int8" else self.dtype
+        scale_bytes = 4 if kv_cache_dtype == "int8" else 0
         if num_pages is None:
-            num_pages = pages_for_budget(self.config, page_size, itemsize, kv_cache_gb)
+            num_pages = pages_for_budget(self.config, page_size, jnp.dtype(cache_dtype).itemsize,
+                                         kv_cache_gb, scale_bytes=scale_bytes)
         self.allocator = PageAllocator(num_pages)
-        self.cache = KVCache.zeros(self.config, num_pages, page_size, self.dtype,
-                                  self._kv_sharding(num_pages))
+        self.cache = KVCache.zeros(self.config, num_pages, page_size, cache_dtype,
+                                  *self._kv_sharding(num_pages))
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs=max_num_seqs,
                                    max_waiting=max_waiting, prefill_chunk=prefill_chunk,
                                    max_prefill_seqs=max_prefill_seqs, decode_steps=decode_steps)
@@ -160,17 +164,22 @@ class Engine:
         "pallas_interpret"), mesh (from sharding.make_mesh), rules (preset name or table),
         max_seq_len, page_size, kv_cache_gb or num_pages, max_num_seqs, max_waiting,
         prefill_chunk, max_prefill_seqs, decode_steps, quantization (None or "int8":
-        weight-only int8 with per-channel scales), scan_layers (False, the default, unrolls the
-        layers: faster decode on CPU; True keeps them under nn.scan: faster compilation),
+        weight-only int8 with per-channel scales), kv_cache_dtype ("auto": the compute dtype,
+        or "int8": int8 keys/values with a float32 scale per token and kv head, ~3.5-4x the
+        pages of a float32 cache for the same kv_cache_gb), scan_layers (False, the default,
+        unrolls the layers: faster decode on CPU; True keeps them under nn.scan: faster
+        compilation),
         progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
 
     # ================================================================ programs
     def _kv_sharding(self, num_pages: int):
+        """(cache sharding, scale sharding) for KVCache.zeros; (None, None) without a mesh."""
         if self.mesh is None:
-            return None
-        return kv_cache_sharding(self.config, num_pages, self.page_size, self.mesh, self.rules)
+            return None, None
+        return (kv_cache_sharding(self.config, num_pages, self.page_size, self.mesh, self.rules),
+                kv_scale_sharding(self.config, num_pages, self.page_size, self.mesh, self.rules))
 
     def _program(self, key, build):
         if key not in self._programs:
@@ -589,7 +598,8 @@ class Engine:
         fingerprint = {
             "model": self.config.name, "model_config_hash": self.config.fingerprint(),
             "dtype": self.dtype_name, "attention": self.model.attention_impl,
-            "quantization": self.quantization, "scan_layers": self.model.scan_layers,
+            "quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype,
+            "scan_layers": self.model.scan_layers,
             "page_size": self.page_size, "num_pages": self.cache.num_pages,
             "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
             "mesh": None if self.mesh is None else dict(self.mesh.shape),

@@ -7,8 +7,10 @@ layer. Page 0 is reserved as the sink for padding tokens and is never handed out
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
-from model.config import ModelConfig
+if TYPE_CHECKING:  # a type only: serving artifacts use the allocator without importing model/
+    from model.config import ModelConfig
 
 
 class PageAllocator:
@@ -50,14 +52,17 @@ class PageAllocator:
             self._free.append(p)
 
 
-def page_bytes(config: ModelConfig, page_size: int, dtype_bytes: int) -> int:
-    """Bytes of one page across all layers, keys and values."""
-    return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * dtype_bytes
+def page_bytes(config: ModelConfig, page_size: int, dtype_bytes: int, scale_bytes: int = 0) -> int:
+    """Bytes of one page across all layers, keys and values; scale_bytes per token and kv head
+    (4 for an int8 cache's float32 scales, 0 for a float cache)."""
+    per_token_head = config.head_dim * dtype_bytes + scale_bytes
+    return 2 * config.num_layers * config.num_kv_heads * page_size * per_token_head
 
 
-def pages_for_budget(config: ModelConfig, page_size: int, dtype_bytes: int, gigabytes: float) -> int:
+def pages_for_budget(config: ModelConfig, page_size: int, dtype_bytes: int, gigabytes: float,
+                     scale_bytes: int = 0) -> int:
     """How many pages (including the reserved one) fit in `gigabytes` of KV cache."""
-    return max(2, int(gigabytes * 2**30) // page_bytes(config, page_size, dtype_bytes))
+    return max(2, int(gigabytes * 2**30) // page_bytes(config, page_size, dtype_bytes, scale_bytes))
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs per token
+
+
 class SamplingError(ValueError):
     """Sampling parameters out of range; the message names the parameter and its limits."""
 

@@ -22,6 +22,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its limit; retry later."""
 
 
+class RequestError(ValueError):
+    """A request the engine cannot serve; the message names the problem and the limit."""
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -2,6 +2,7 @@
 
     app = create_app(Engine.from_pretrained("smollm2-135m-instruct"), api_key="secret")
     serve(app, host="127.0.0.1", port=8000)
+    app = create_app(ArtifactEngine.load("out/"))   # an exported artifact, no model/ import
 
 The Engine is not thread-safe, so one thread (EngineLoop) owns it: it admits submitted requests,
 runs `engine.step()` while there is work, and hands each request's new tokens and text to the
@@ -26,7 +27,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -34,9 +35,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from compile_cache import compile_counts
 from serving.api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
-from serving.engine import MAX_LOGPROBS, Engine, RequestError
 from serving.metrics import ServerMetrics
-from serving.scheduler import QueueFullError
+from serving.playground import install_playground
+from serving.sampling import MAX_LOGPROBS
+from serving.scheduler import QueueFullError, RequestError
+
+if TYPE_CHECKING:  # the server also serves an ArtifactEngine, which must not import model/
+    from serving.engine import Engine
 
 log = logging.getLogger("xlrt.server")
 
@@ -416,7 +421,6 @@ class OpenAIServer:
         return prompts
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        from model.tokenizer import TokenizerError
         if not req.messages:
             raise APIError(400, "messages is empty; give at least one message", param="messages")
         messages = []
@@ -432,7 +436,7 @@ class OpenAIServer:
         try:
             ids = self.engine.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tokenize=True)
-        except TokenizerError as e:
+        except ValueError as e:  # TokenizerError (Engine) or ArtifactError (ArtifactEngine)
             raise APIError(400, f"messages: {e}", param="messages") from None
         if not ids:
             raise APIError(400, "the rendered chat prompt is empty", param="messages")
@@ -525,6 +529,26 @@ class OpenAIServer:
             if len(done) < len(ids):
                 self.loop.abort([rid for i, rid in enumerate(ids) if i not in done])
 
+    def stream_response(self, tally: "_Tally", ids: list[str], queue: asyncio.Queue, obj: str,
+                        include_usage: bool, choice: Callable[[int, Delta], dict | None],
+                        first_choices: tuple[dict, ...] = ()) -> StreamingResponse:
+        """The SSE response of a streaming completion or chat: one `obj` chunk per choice in
+        first_choices, one per Delta for which choice() gives a choice dict (None: nothing to
+        send), and the usage chunk when the client asked for it."""
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(i: int, delta: Delta) -> str | None:
+            tally.add(i, delta)
+            c = choice(i, delta)
+            return None if c is None else _sse(dict(tally.base(obj), choices=[c], **extra))
+
+        def usage() -> str | None:
+            return (_sse(dict(tally.base(obj), choices=[], usage=tally.usage()))
+                    if include_usage else None)
+        first = [_sse(dict(tally.base(obj), choices=[c], **extra)) for c in first_choices]
+        return StreamingResponse(self.stream(ids, queue, first, chunk, usage),
+                                 media_type="text/event-stream")
+
     # ------------------------------------------------------------------ endpoints
     async def completions(self, request: Request) -> Response:
         req = _parse(CompletionRequest, await self.read_json(request))
@@ -536,55 +560,34 @@ class OpenAIServer:
         kwargs = self.sampling_kwargs(req, req.logprobs)
         specs = self.specs(prompts, req, req.max_tokens, "max_tokens", kwargs)
         ids, queue = await self.submit(specs)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [self.engine.tokenizer.decode(p) if req.echo else "" for p in prompts
                 for _ in range(req.n)]
-        texts = list(echo)
-        tokens = [0] * len(ids)
-        reasons: list[str | None] = [None] * len(ids)
-        lps: list[dict | None] = [None] * len(ids)
-        prompt_tokens = sum(len(p) for p in prompts)
+        tally = _Tally(f"cmpl-{uuid.uuid4().hex}", self.model_name,
+                       sum(len(p) for p in prompts), list(echo))
 
         def logprobs_of(i: int, delta: Delta):
             if delta.logprobs is None:
                 return None
-            return self.completion_logprobs(delta, len(texts[i]) - len(delta.text))
-
-        def usage_dict():
-            c = sum(tokens)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": c,
-                    "total_tokens": prompt_tokens + c}
-
-        def base():
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": self.model_name}
+            return self.completion_logprobs(delta, len(tally.texts[i]) - len(delta.text))
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             started = [False] * len(ids)
 
-            def chunk(i: int, delta: Delta):
-                tokens[i] = delta.completion_tokens
+            def choice(i: int, delta: Delta):
                 text = delta.text
                 if not started[i]:
                     text, started[i] = echo[i] + text, True
-                texts[i] += delta.text
                 if not text and delta.finish_reason is None and not delta.logprobs:
                     return None
-                choice = {"index": i, "text": text, "logprobs": logprobs_of(i, delta),
-                          "finish_reason": delta.finish_reason}
-                return _sse(dict(base(), choices=[choice],
-                                 **({"usage": None} if include_usage else {})))
+                return {"index": i, "text": text, "logprobs": logprobs_of(i, delta),
+                        "finish_reason": delta.finish_reason}
+            return self.stream_response(tally, ids, queue, "text_completion",
+                                        _include_usage(req), choice)
 
-            def usage():
-                return _sse(dict(base(), choices=[], usage=usage_dict())) if include_usage else None
-            return StreamingResponse(self.stream(ids, queue, [], chunk, usage),
-                                     media_type="text/event-stream")
+        lps: list[dict | None] = [None] * len(ids)
 
         def on_delta(i: int, delta: Delta):
-            tokens[i] = delta.completion_tokens
-            texts[i] += delta.text
-            reasons[i] = delta.finish_reason or reasons[i]
+            tally.add(i, delta)
             if delta.logprobs is not None:
                 part = logprobs_of(i, delta)
                 if lps[i] is None:
@@ -593,9 +596,10 @@ class OpenAIServer:
                     for k in part:
                         lps[i][k] += part[k]
         await self.collect(request, ids, queue, on_delta)
-        choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": reasons[i]}
-                   for i in range(len(ids))]
-        return JSONResponse(dict(base(), choices=choices, usage=usage_dict()))
+        choices = [{"index": i, "text": tally.texts[i], "logprobs": lps[i],
+                    "finish_reason": tally.reasons[i]} for i in range(len(ids))]
+        return JSONResponse(dict(tally.base("text_completion"), choices=choices,
+                                 usage=tally.usage()))
 
     async def chat_completions(self, request: Request) -> Response:
         req = _parse(ChatCompletionRequest, await self.read_json(request))
@@ -610,54 +614,34 @@ class OpenAIServer:
             else req.max_tokens
         specs = self.specs([prompt], req, max_tokens, name, kwargs)
         ids, queue = await self.submit(specs)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        texts = [""] * len(ids)
-        tokens = [0] * len(ids)
-        reasons: list[str | None] = [None] * len(ids)
-        lps: list[list] = [[] for _ in ids]
-
-        def usage_dict():
-            c = sum(tokens)
-            return {"prompt_tokens": len(prompt), "completion_tokens": c,
-                    "total_tokens": len(prompt) + c}
-
-        def base(obj: str):
-            return {"id": rid, "object": obj, "created": created, "model": self.model_name}
+        tally = _Tally(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, len(prompt),
+                       [""] * len(ids))
 
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            extra = {"usage": None} if include_usage else {}
-            first = [_sse(dict(base("chat.completion.chunk"), choices=[
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}], **extra)) for i in range(len(ids))]
-
-            def chunk(i: int, delta: Delta):
-                tokens[i] = delta.completion_tokens
+            def choice(i: int, delta: Delta):
                 if not delta.text and delta.finish_reason is None and not delta.logprobs:
                     return None
-                choice = {"index": i, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": (self.chat_logprobs(delta)
-                                       if delta.logprobs is not None else None),
-                          "finish_reason": delta.finish_reason}
-                return _sse(dict(base("chat.completion.chunk"), choices=[choice], **extra))
+                return {"index": i, "delta": {"content": delta.text} if delta.text else {},
+                        "logprobs": (self.chat_logprobs(delta)
+                                     if delta.logprobs is not None else None),
+                        "finish_reason": delta.finish_reason}
+            first = tuple({"index": i, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": None, "finish_reason": None} for i in range(len(ids)))
+            return self.stream_response(tally, ids, queue, "chat.completion.chunk",
+                                        _include_usage(req), choice, first)
 
-            def usage():
-                return (_sse(dict(base("chat.completion.chunk"), choices=[], usage=usage_dict()))
-                        if include_usage else None)
-            return StreamingResponse(self.stream(ids, queue, first, chunk, usage),
-                                     media_type="text/event-stream")
+        lps: list[list] = [[] for _ in ids]
 
         def on_delta(i: int, delta: Delta):
-            tokens[i] = delta.completion_tokens
-            texts[i] += delta.text
-            reasons[i] = delta.finish_reason or reasons[i]
+            tally.add(i, delta)
             if delta.logprobs is not None:
                 lps[i] += self.chat_logprobs(delta)["content"]
         await self.collect(request, ids, queue, on_delta)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        choices = [{"index": i, "message": {"role": "assistant", "content": tally.texts[i]},
                     "logprobs": {"content": lps[i]} if logprobs is not None else None,
-                    "finish_reason": reasons[i]} for i in range(len(ids))]
-        return JSONResponse(dict(base("chat.completion"), choices=choices, usage=usage_dict()))
+                    "finish_reason": tally.reasons[i]} for i in range(len(ids))]
+        return JSONResponse(dict(tally.base("chat.completion"), choices=choices,
+                                 usage=tally.usage()))
 
     def models(self) -> dict:
         return {"object": "list", "data": [{
@@ -672,6 +656,36 @@ class OpenAIServer:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+class _Tally:
+    """One response's choices as their Deltas arrive: completion tokens, text and finish reason
+    per choice, and the id, creation time and usage every chunk or body repeats."""
+
+    def __init__(self, response_id: str, model: str, prompt_tokens: int, texts: list[str]):
+        self.response_id, self.model, self.prompt_tokens = response_id, model, prompt_tokens
+        self.created = int(time.time())
+        self.texts = texts  # per choice: the text so far (completions: after the echo)
+        self.tokens = [0] * len(texts)
+        self.reasons: list[str | None] = [None] * len(texts)
+
+    def add(self, i: int, delta: Delta) -> None:
+        self.tokens[i] = delta.completion_tokens
+        self.texts[i] += delta.text
+        self.reasons[i] = delta.finish_reason or self.reasons[i]
+
+    def base(self, obj: str) -> dict:
+        return {"id": self.response_id, "object": obj, "created": self.created,
+                "model": self.model}
+
+    def usage(self) -> dict:
+        c = sum(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": c,
+                "total_tokens": self.prompt_tokens + c}
 
 
 # ==================================================================== the app
@@ -757,6 +771,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         return Response(server.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    install_playground(app)  # GET / (the web playground; public, its API calls carry the key)
     return app
 
 

@@ -112,6 +112,15 @@ def kv_cache_sharding(config, num_pages: int, page_size: int, mesh: Mesh, rules)
                                               "kv_cache"))
 
 
+def kv_scale_sharding(config, num_pages: int, page_size: int, mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of an int8 KV cache's scales [layers, kv_heads, num_pages, 1, page_size]: split
+    like the cache (kv heads and pages), so each shard's scales sit with its pages."""
+    from model.decoder import KVCache
+    shape = KVCache.scale_shape(config, num_pages, page_size)
+    return NamedSharding(mesh, partition_spec(KVCache.SCALE_AXES, shape, mesh, get_rules(rules),
+                                              "kv_cache_scales"))
+
+
 def place_params(loaders, axes_tree, mesh: Mesh | None = None, rules=None, dtype=jnp.float32,
                  progress=None):
     """Read each parameter from its loader and place it: sharded on `mesh`, else on device 0.

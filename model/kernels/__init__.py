@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import jax
 
-from model.kernels.reference import attention_reference, dense_cache_attention, gather_pages
+from model.kernels.reference import (attention_reference, dense_cache_attention, gather_kv,
+                                     quantize_int8)  # quantize_int8: used by model.layers
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 TARGET_PLATFORMS = ("cpu", "cuda", "gpu", "rocm", "tpu")
@@ -59,19 +60,23 @@ def attention(q, k, v, q_pos, kv_pos, *, impl="xla", platform=None, causal=True,
 
 
 def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, impl="xla",
-                    platform=None, sliding_window=None, logit_softcap=None, scale=None):
+                    platform=None, sliding_window=None, logit_softcap=None, scale=None,
+                    k_scale=None, v_scale=None):
     """Queries of many sequences against one layer of the paged KV cache.
 
     k_cache, v_cache: the cache stacked over layers [layers, kv_heads, num_pages, page_size,
     head_dim]; `layer` (a traced scalar inside the layer scan) selects the layer. The XLA path
     gathers the needed pages straight from the stacked array (no per-layer copy).
+    An int8 cache comes with k_scale, v_scale [layers, kv_heads, num_pages, 1, page_size] f32;
+    both backends dequantize on read (XLA: the gathered pages; Pallas: each page block in VMEM).
     """
     impl, platform = resolve_impl(impl, platform), split_impl(impl, platform)[1]
     kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
     if impl == "xla":
-        k = gather_pages(k_cache, page_table, layer)
-        v = gather_pages(v_cache, page_table, layer)
+        k = gather_kv(k_cache, k_scale, page_table, layer, q.dtype)
+        v = gather_kv(v_cache, v_scale, page_table, layer, q.dtype)
         return dense_cache_attention(q, k, v, q_pos, kv_lens, **kwargs)
     from model.kernels.ragged_paged_attention import ragged_paged_attention
     return ragged_paged_attention(q, k_cache, v_cache, page_table, q_pos, kv_lens, layer=layer,
-                                  interpret=impl == "pallas_interpret", platform=platform, **kwargs)
+                                  interpret=impl == "pallas_interpret", platform=platform,
+                                  k_scale=k_scale, v_scale=v_scale, **kwargs)

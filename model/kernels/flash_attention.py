@@ -236,9 +236,14 @@ def block_mask(q_pos_r1, kv_pos_1k, *, causal, sliding_window, q_seg_r1=None, kv
     return mask
 
 
-def _scores(q, k, *, scale, logit_softcap):
-    """Soft-capped scaled scores [Rb, Kb] f32, and tanh of the cap (None without a cap)."""
-    s = jnp.einsum("rh,kh->rk", q, k, preferred_element_type=jnp.float32) * scale
+def _scores(q, k, *, scale, logit_softcap, k_scale_1k=None):
+    """Soft-capped scaled scores [Rb, Kb] f32, and tanh of the cap (None without a cap).
+    k_scale_1k [1, Kb]: per-key dequantization scales of an int8 k (q k^T scaled column-wise,
+    which equals q (k * scale)^T without materializing the dequantized keys)."""
+    s = jnp.einsum("rh,kh->rk", q, k, preferred_element_type=jnp.float32)
+    if k_scale_1k is not None:
+        s = s * k_scale_1k
+    s = s * scale
     if logit_softcap is None:
         return s, None
     t = jnp.tanh(s / logit_softcap)
@@ -251,16 +256,20 @@ def softmax_init(rows, h):
             jnp.zeros((rows, h), jnp.float32))
 
 
-def softmax_step(q, k, v, mask, m, l, acc, *, scale, logit_softcap):
+def softmax_step(q, k, v, mask, m, l, acc, *, scale, logit_softcap, k_scale_1k=None,
+                 v_scale_1k=None):
     """One kv block of the online softmax. Masked entries get probability exactly 0 (a where,
-    not an additive bias), so a fully masked block leaves (l, acc) unchanged."""
-    s, _ = _scores(q, k, scale=scale, logit_softcap=logit_softcap)
+    not an additive bias), so a fully masked block leaves (l, acc) unchanged.
+    k_scale_1k, v_scale_1k [1, Kb]: per-key scales of int8 k / v (already converted to the
+    compute dtype): p (v * vs) = (p * vs) v, so the scales multiply the [Rb, Kb] block."""
+    s, _ = _scores(q, k, scale=scale, logit_softcap=logit_softcap, k_scale_1k=k_scale_1k)
     s = jnp.where(mask, s, MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    pv = jnp.einsum("rk,kh->rh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    p_v = p if v_scale_1k is None else p * v_scale_1k
+    pv = jnp.einsum("rk,kh->rh", p_v.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l_new, alpha * acc + pv
 
 

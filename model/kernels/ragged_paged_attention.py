@@ -63,10 +63,16 @@ BLOCK_SIZES = {
 
 
 def _paged_kernel(page_table_ref, kv_lens_ref, first_ref, last_ref, layer_ref, q_ref, q_pos_ref,
-                  k_refs, v_refs, o_ref, *scratch, variant, pages_per_block, page_size,
+                  k_refs, v_refs, *refs, variant, quantized, pages_per_block, page_size,
                   sliding_window, logit_softcap, scale):
     """k_refs / v_refs: TPU a list of pages_per_block page refs [page_size, H] (this block's
-    pages of this layer); GPU one ref [L, num_pages, page_size, H] (the kv head's pool)."""
+    pages of this layer); GPU one ref [L, num_pages, page_size, H] (the kv head's pool).
+    quantized: k/v are int8 and refs starts with the scale refs ks_refs, vs_refs (TPU: a list
+    of page rows [1, page_size]; GPU: the pool [L, num_pages, 1, page_size])."""
+    if quantized:
+        ks_refs, vs_refs, o_ref, *scratch = refs
+    else:
+        o_ref, *scratch = refs
     block_kv = pages_per_block * page_size
     # TPU: kv_lens sits whole in SMEM; GPU: the BlockSpec selected this sequence's entry.
     kv_len = kv_lens_ref[...] if variant == "gpu" else kv_lens_ref[pl.program_id(0)]
@@ -79,11 +85,25 @@ def _paged_kernel(page_table_ref, kv_lens_ref, first_ref, last_ref, layer_ref, q
             return refs[layer_ref[0], ids].reshape(block_kv, refs.shape[-1])
         return jnp.concatenate([ref[...] for ref in refs], axis=0)
 
+    def load_scales(refs, j):  # [1, block_kv] float32: one scale per slot, along lanes
+        if variant == "gpu":
+            ids = page_table_ref[pl.ds(pl.multiple_of(j * pages_per_block, pages_per_block),
+                                       pages_per_block)]
+            return refs[layer_ref[0], ids].reshape(1, block_kv)
+        return jnp.concatenate([ref[...] for ref in refs], axis=1)
+
     def step(j, carry):
         slots_1k = j * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
         slots_k1 = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
         mask = block_mask(q_pos, slots_1k, causal=True, sliding_window=sliding_window,
                           kv_valid_1k=slots_1k < kv_len)
+        if quantized:  # int8 pages converted in VMEM; the scales multiply the [R, block] tile
+            k = load_pages(k_refs, j).astype(q.dtype)
+            v = load_pages(v_refs, j).astype(q.dtype)
+            # Scales past kv_len are stale (int8 data cannot be NaN, a stale scale could).
+            v_scale = jnp.where(slots_1k < kv_len, load_scales(vs_refs, j), 0.0)
+            return softmax_step(q, k, v, mask, *carry, scale=scale, logit_softcap=logit_softcap,
+                                k_scale_1k=load_scales(ks_refs, j), v_scale_1k=v_scale)
         # Rows past kv_len hold stale data (or NaN): p is 0 there, but 0 * NaN is NaN.
         v = jnp.where(slots_k1 < kv_len, load_pages(v_refs, j), 0)
         return softmax_step(q, load_pages(k_refs, j), v, mask, *carry, scale=scale,
@@ -106,7 +126,8 @@ def _pick_pages_per_block(pages_per_block, tokens, page_size, pages_per_seq, var
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, layer=None,
                            interpret=False, platform=None, sliding_window=None,
-                           logit_softcap=None, scale=None, pages_per_block=None, block_q=None):
+                           logit_softcap=None, scale=None, pages_per_block=None, block_q=None,
+                           k_scale=None, v_scale=None):
     """Causal attention of q against one layer of a paged KV cache; returns [B, T, N, H].
 
     q [B, T, N, H] (float32 or bfloat16) at absolute positions q_pos [B, T] int32;
@@ -117,10 +138,20 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, l
     and softmax in float32; output in q's dtype; queries that see no slot give 0. `scale`
     defaults to H ** -0.5; `platform` (default: JAX's default backend) picks the kernel variant;
     pages_per_block and block_q (rows = tokens x G) override BLOCK_SIZES. Forward only (serving).
+    int8 k/v_pages need k_scale, v_scale float32 [(L,) K, num_pages, 1, page_size]: each page
+    block and its scales are loaded and dequantized inside the kernel (k and v converted, the
+    scales applied to the [rows, block] scores and probabilities), never as a dequantized cache.
     """
     b, t, n, h = q.shape
+    quantized = k_scale is not None
+    if quantized != (k_pages.dtype == jnp.int8) or (v_scale is None) != (k_scale is None):
+        raise ValueError("ragged_paged_attention: int8 k/v_pages need both k_scale and v_scale "
+                         f"(got {k_pages.dtype} pages, k_scale {k_scale is not None}, "
+                         f"v_scale {v_scale is not None})")
     if k_pages.ndim == 4:  # one layer: a stacked cache of one
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        if quantized:
+            k_scale, v_scale = k_scale[None], v_scale[None]
     elif layer is None:
         raise ValueError("ragged_paged_attention: a cache stacked over layers "
                          f"{k_pages.shape} needs `layer`")
@@ -129,6 +160,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, l
     if n % kvh or k_pages.shape != v_pages.shape or k_pages.shape[4] != h:
         raise ValueError(f"ragged_paged_attention: incompatible q {q.shape}, "
                          f"k_pages {k_pages.shape}, v_pages {v_pages.shape}")
+    if quantized and not k_scale.shape == v_scale.shape == (*k_pages.shape[:3], 1, page_size):
+        raise ValueError(f"ragged_paged_attention: scales {k_scale.shape}, {v_scale.shape} do "
+                         f"not match pages {k_pages.shape} without head_dim")
     table_key, variant = kernel_backend(platform, interpret)
     table = BLOCK_SIZES[table_key]
     g = n // kvh
@@ -158,7 +192,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, l
     layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
 
     kernel = functools.partial(
-        _paged_kernel, variant=variant, pages_per_block=ppb, page_size=page_size,
+        _paged_kernel, variant=variant, quantized=quantized, pages_per_block=ppb,
+        page_size=page_size,
         sliding_window=sliding_window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         scale=float(h ** -0.5 if scale is None else scale))
@@ -170,6 +205,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, l
         k_in, v_in = pad_axis(k_pages, 4, h_pad), pad_axis(v_pages, 4, h_pad)
         in_specs = [pl.BlockSpec(row_block, lambda b_, k_, i: (b_, k_, i, 0)),
                     pl.BlockSpec((None, bq, 1), lambda b_, k_, i: (b_, i, 0)), pool, pool]
+        if quantized:
+            scale_pool = pl.BlockSpec((num_layers, None, num_pages, 1, page_size),
+                                      lambda b_, k_, i: (0, k_, 0, 0, 0))
+            in_specs += [scale_pool, scale_pool]
+            k_scale_in, v_scale_in = k_scale, v_scale
         range_spec = pl.BlockSpec((None,), lambda b_, k_, i: (b_ * nq + i,))
         scalar_specs = [pl.BlockSpec((None, nkv * ppb), lambda b_, k_, i: (b_, 0)),
                         pl.BlockSpec((None,), lambda b_, k_, i: (b_,)), range_spec, range_spec,
@@ -178,22 +218,29 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_pos, kv_lens, *, l
     else:
         p_pad = nkv * ppb
 
-        def page_spec(p):
+        def page_spec(p, block=(page_size, h_pad)):
+            """Page p of the block: its [page_size, H] keys or values, or (block (1,
+            page_size)) its row of scales."""
             def index(b_, k_, i, j, pt, lens, first_, last_, layer_):
                 jc = clamp_block(j, first_[b_ * nq + i], last_[b_ * nq + i])
                 return layer_[0], k_, pt[b_ * p_pad + jc * ppb + p], 0, 0
-            return pl.BlockSpec((None, None, None, page_size, h_pad), index)
+            return pl.BlockSpec((None, None, None, *block), index)
 
         page_specs = [page_spec(p) for p in range(ppb)]
         k_in, v_in = [k_pages] * ppb, [v_pages] * ppb
         in_specs = [pl.BlockSpec(row_block, lambda b_, k_, i, *_: (b_, k_, i, 0)),
                     pl.BlockSpec((None, bq, 1), lambda b_, k_, i, *_: (b_, i, 0)), page_specs,
                     page_specs]
+        if quantized:
+            scale_specs = [page_spec(p, (1, page_size)) for p in range(ppb)]
+            in_specs += [scale_specs, scale_specs]
+            k_scale_in, v_scale_in = [k_scale] * ppb, [v_scale] * ppb
         scalar_specs = None
         scalars = (page_table.reshape(-1), kv_lens, first, last, layer)
     out = call_kernel(
         kernel, variant=variant, interpret=interpret, grid=(b, kvh, nq, nkv), scalars=scalars,
-        gpu_scalar_specs=scalar_specs, operands=(q_bkrh, q_pos_br1, k_in, v_in),
+        gpu_scalar_specs=scalar_specs,
+        operands=(q_bkrh, q_pos_br1, k_in, v_in) + ((k_scale_in, v_scale_in) if quantized else ()),
         in_specs=in_specs, out_shape=jax.ShapeDtypeStruct(q_bkrh.shape, q.dtype),
         out_specs=pl.BlockSpec(row_block, lambda b_, k_, i, *_: (b_, k_, i, 0)),
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),

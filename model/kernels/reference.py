@@ -5,6 +5,9 @@ Shapes (logical names in brackets):
   k, v         [batch, kv_len, kv_heads, head_dim]        (dense form)
   k/v_pages    [kv_heads, num_pages, page_size, head_dim]  (paged form, one layer)
   page_table   [batch, pages_per_seq] int32: page ids of each sequence, in order
+  k/v_scale    [kv_heads, num_pages, 1, page_size] float32 (int8 caches only: one scale per
+               token and head, k = k_int8 * k_scale; a page's scales are one row so that a page
+               of scales is a legal TPU block, as its last two dims are whole)
 GQA is computed by grouping query heads ([kv_heads, group]) so K/V are never repeated in memory.
 Scores and softmax are always float32; the output has q's dtype.
 """
@@ -71,6 +74,28 @@ def attention_reference(q, k, v, q_pos, kv_pos, *, causal=True, sliding_window=N
     return out.astype(q.dtype)
 
 
+# Symmetric int8 for the KV cache: one float32 scale per (token, kv head), absmax / 127.
+INT8_MAX = 127.0
+
+
+def quantize_int8(x):
+    """x [..., head_dim] -> (int8 [..., head_dim], float32 scale [...]) with x ~= q * scale.
+
+    Round-to-nearest of x / scale with scale = max|x| / 127 over head_dim, so the error per
+    element is at most scale / 2. An all-zero vector gets scale 0 and zeros.
+    """
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX
+    safe = jnp.where(scale > 0, scale, 1.0)  # scale 0 only for an all-zero x
+    q = jnp.clip(jnp.round(x / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_int8(q, scale, dtype=jnp.float32):
+    """q [..., head_dim] int8 and scale [...] float32 -> q * scale in `dtype`."""
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
 def gather_pages(pages, page_table, layer=None):
     """Pages of each sequence, in order, as a dense [B, P * page_size, kv_heads, head_dim].
 
@@ -86,6 +111,17 @@ def gather_pages(pages, page_table, layer=None):
     return g.transpose(1, 2, 3, 0, 4).reshape(b, p * page_size, kvh, h)
 
 
+def gather_kv(pages, scales, page_table, layer=None, dtype=jnp.float32):
+    """gather_pages, dequantized when `scales` ([..., num_pages, 1, page_size]) is given: the
+    int8 pages are converted after the gather, so only the sequences' pages are expanded."""
+    g = gather_pages(pages, page_table, layer)
+    if scales is None:
+        return g
+    # [..., pages, 1, page_size] -> [..., pages, page_size, 1] moves a unit dim: no copy.
+    s = gather_pages(jnp.swapaxes(scales, -1, -2), page_table, layer)[..., 0]
+    return dequantize_int8(g, s, dtype)
+
+
 def dense_cache_attention(q, k, v, q_pos, kv_lens, *, sliding_window=None, logit_softcap=None,
                           scale=None):
     """Causal attention against a dense per-sequence cache k, v [B, S, kv_heads, head_dim] whose
@@ -98,15 +134,18 @@ def dense_cache_attention(q, k, v, q_pos, kv_lens, *, sliding_window=None, logit
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, q_pos, kv_lens, *,
-                              sliding_window=None, logit_softcap=None, scale=None):
+                              sliding_window=None, logit_softcap=None, scale=None, k_scale=None,
+                              v_scale=None):
     """Causal attention of queries against a paged KV cache (one layer).
 
     q [B, T, N, H] holds T query tokens per sequence at absolute positions q_pos [B, T] (T = 1 for
     decode, > 1 for (chunked) prefill). Key j of sequence b is cache slot j of that sequence
     (page page_table[b, j // page_size], row j % page_size); it is visible when j < kv_lens[b]
     and j <= q_pos[b, t] (and within the sliding window). Returns [B, T, N, H].
+    int8 pages come with k_scale / v_scale [kv_heads, num_pages, 1, page_size] and are
+    dequantized to q's dtype.
     """
-    return dense_cache_attention(q, gather_pages(k_pages, page_table),
-                                 gather_pages(v_pages, page_table), q_pos, kv_lens,
-                                 sliding_window=sliding_window, logit_softcap=logit_softcap,
-                                 scale=scale)
+    return dense_cache_attention(q, gather_kv(k_pages, k_scale, page_table, dtype=q.dtype),
+                                 gather_kv(v_pages, v_scale, page_table, dtype=q.dtype), q_pos,
+                                 kv_lens, sliding_window=sliding_window,
+                                 logit_softcap=logit_softcap, scale=scale)

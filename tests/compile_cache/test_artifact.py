@@ -101,3 +101,13 @@ def test_damaged_missing_and_incompatible_artifacts_are_rejected(exported, tmp_p
         load(str(out), platform="rocm")
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         load(str(tmp_path))
+
+
+def test_engines_the_format_cannot_carry_are_refused(tmp_path):
+    from serving import Engine
+    from serving.artifact import ArtifactError, export
+    eng = Engine(tiny_checkpoint(tmp_path), attention="xla", max_seq_len=64, num_pages=32,
+                 kv_cache_dtype="int8")
+    with pytest.raises(ArtifactError, match="kv_cache_dtype='int8'"):
+        export(eng, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.json").exists()
