@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
-                          LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, linear, scaled,
-                          weight)
+                          LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, linear, matmul_2d,
+                          scaled, weight)
 
 Dtype = Any
 
@@ -94,7 +94,8 @@ class Decoder(nn.Module):
     dtype: compute dtype of activations and matmuls; param_dtype: storage dtype of parameters.
     attention_impl: "auto" | "xla" | "pallas" | "pallas_interpret" (see model.kernels).
     remat_policy: a key of REMAT_POLICIES; activation checkpointing per block for training.
-    weight_quant: "none" | "int8" (weight-only, per-output-channel scales; for serving).
+    weight_quant: "none" | "int8" (weight-only, per-output-channel scales; for serving) | "w8a8"
+      (int8 weights, and activations quantized per row to int8 for int8 x int8 matmuls).
     scan_layers: True stacks the blocks under nn.scan (params "layers/...", with a leading
       `layers` axis; compile time independent of depth): the layout for training and checkpoints.
       False unrolls them (params "layers_0/...", ...): XLA:CPU streams separate per-layer weight
@@ -123,8 +124,8 @@ class Decoder(nn.Module):
             raise ValueError(f"weight_quant={self.weight_quant!r} is not one of {WEIGHT_QUANT}")
         embedding, embed_scale = weight(self, "embedding", nn.initializers.normal(1.0),
                                         (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), (0,),
-                                        self.dtype)
-        x_btd = jnp.take(embedding, tokens_bt, axis=0)
+                                        self.dtype, raw_int8=cfg.tie_embeddings)
+        x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
         if embed_scale is not None:
             x_btd = x_btd * jnp.take(embed_scale, tokens_bt, axis=0)[..., None]
         x_btd = constrain(x_btd, (BATCH, LENGTH, EMBED))
@@ -159,12 +160,18 @@ class Decoder(nn.Module):
         if return_hidden:
             return x_btd, new_cache
         if cfg.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding, preferred_element_type=jnp.float32)
+            if self.weight_quant == "w8a8":
+                b, t = x_btd.shape[:2]
+                logits = matmul_2d(x_btd.reshape(b * t, -1), embedding, transpose_w=True)
+                logits = logits.reshape(b, t, -1).astype(jnp.float32)
+            else:
+                logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding,
+                                    preferred_element_type=jnp.float32)
             head_scale = embed_scale
         else:
             head_dv, head_scale = weight(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
                                          (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), (1,),
-                                         self.dtype)
+                                         self.dtype, raw_int8=True)
             logits = linear(x_btd, head_dv).astype(jnp.float32)  # BTD,DV->BTV
         logits = scaled(logits, head_scale)
         logits = constrain(logits, (BATCH, LENGTH, VOCAB))

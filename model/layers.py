@@ -32,15 +32,22 @@ def param_with_axes(module, name, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-WEIGHT_QUANT = ("none", "int8")
+WEIGHT_QUANT = ("none", "int8", "w8a8")
+# w8a8 quantizes activations per row to int8 in every matmul with an int8 weight and runs an
+# int8 x int8 -> int32 dot: exact integer accumulation, so a row's result does not depend on the
+# other rows in the batch. XLA:CPU's int8 dot is slow for a single row (a GEMV path ~3-9x slower
+# than float32) but fast from two rows on, so one-row matmuls are padded to two.
+W8A8_MIN_ROWS = 2
 
 
-def weight(module, name, init, shape, axes, scale_dims, compute_dtype):
-    """A matmul weight, cast for compute, and its per-channel scale (None unless int8).
+def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8: bool = False):
+    """A matmul weight, cast for compute, and its per-channel scale (None unless quantized).
 
-    With module.weight_quant == "int8" the parameter is stored as int8 with a float32 scale per
-    output channel (`scale_dims`: the dims kept in the scale); the caller multiplies the matmul
-    output by the scale, which is cheaper than dequantizing the weight.
+    With module.weight_quant "int8" or "w8a8" the parameter is stored as int8 with a float32 scale
+    per output channel (`scale_dims`: the dims kept in the scale); the caller multiplies the matmul
+    output by the scale, which is cheaper than dequantizing the weight. `raw_int8=True` (weights
+    that only reach matmul_2d) returns the int8 array itself under "w8a8", so matmul_2d can pick
+    the int8 x int8 dot for large enough row counts.
     """
     if module.weight_quant == "none":
         w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
@@ -49,7 +56,31 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype):
     scale = param_with_axes(module, name + "_scale", nn.initializers.ones,
                             tuple(shape[i] for i in scale_dims), tuple(axes[i] for i in scale_dims),
                             jnp.float32)
+    if raw_int8 and module.weight_quant == "w8a8":  # linear() decides per call shape
+        return w, scale.astype(compute_dtype)
     return w.astype(compute_dtype), scale.astype(compute_dtype)
+
+
+def int8_rows(x2):
+    """Per-row symmetric int8 quantization of activations [M, K]: (int8 [M, K], scale [M, 1])."""
+    x32 = x2.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def matmul_2d(x2, w2, transpose_w: bool = False):
+    """x2 [M, K] @ w2 [K, N] (or w2 [N, K] transposed). An int8 w2 (w8a8) runs int8 x int8 with
+    x2 quantized per row (its scale applied here, the weight's by the caller)."""
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    if w2.dtype != jnp.int8:
+        return jax.lax.dot_general(x2, w2, dims)
+    rows = x2.shape[0]
+    xq, xs = int8_rows(x2)
+    if rows < W8A8_MIN_ROWS:
+        xq = jnp.pad(xq, ((0, W8A8_MIN_ROWS - rows), (0, 0)))
+    y = jax.lax.dot_general(xq, w2, dims, preferred_element_type=jnp.int32)[:rows]
+    return (y.astype(jnp.float32) * xs).astype(x2.dtype)
 
 
 def linear(x, w, contract: int = 1):
@@ -64,7 +95,7 @@ def linear(x, w, contract: int = 1):
     for d in cdims:
         k *= d
     out_dims = w.shape[contract:]
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1))
     return y.reshape(*lead, *out_dims)
 
 
@@ -163,11 +194,11 @@ class Attention(nn.Module):
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
-        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype)
-        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype)
-        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype)
+        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
+        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
+        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
-                          (HEADS, HEAD_DIM, EMBED), (2,), self.dtype)
+                          (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True)
         x = x_btd.astype(self.dtype)
         q_btnh = scaled(linear(x, w_q), s_q)  # BTD,DNH->BTNH
         k_btkh = scaled(linear(x, w_k), s_k)  # BTD,DKH->BTKH
@@ -227,11 +258,11 @@ class MLP(nn.Module):
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
         w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
-                                (EMBED, MLP_DIM), (1,), self.dtype)
+                                (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
         w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
-                            (EMBED, MLP_DIM), (1,), self.dtype)
+                            (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
         w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
-                                (MLP_DIM, EMBED), (1,), self.dtype)
+                                (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True)
         x = x_btd.astype(self.dtype)
         gate_btf = scaled(linear(x, w_gate), s_gate)  # BTD,DF->BTF
         up_btf = scaled(linear(x, w_up), s_up)  # BTD,DF->BTF

@@ -127,6 +127,8 @@ def main(args) -> int:
             result["xlrt"][f"float32_kv_{kv}"] = bench_xlrt(args, None, kv)
     if not args.skip_int8:
         result["xlrt"]["int8"] = bench_xlrt(args, "int8")
+    if args.w8a8:
+        result["xlrt"]["w8a8"] = bench_xlrt(args, "w8a8")
     if llama:
         result["llama_cpp"] = llama
         x = result["xlrt"]
@@ -170,6 +172,8 @@ elif __name__ == "__main__":
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per device call")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache budget")
     p.add_argument("--skip-int8", action="store_true", help="no int8-weights row")
+    p.add_argument("--w8a8", action="store_true",
+                   help="add a w8a8 row (int8 weights, int8 activations in batched matmuls)")
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "int8"],
                    help="KV cache dtypes of the float32-weight rows (auto: float32 KV; int8: "
                         "a 'float32_kv_int8' row)")

@@ -114,8 +114,9 @@ if __name__ == "__main__":
                    help="context limit in tokens (default: the model's)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache budget in GB")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="weight-only int8 quantization")
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only int8; w8a8: int8 weights and int8 activations "
+                        "(int8 x int8 matmuls)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (the compute dtype) or int8 (per-token scales)")
     p.add_argument("--warmup", action="store_true",

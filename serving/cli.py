@@ -51,8 +51,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
     p.add_argument("--max-num-seqs", type=int, default=32,
                    help="sequences decoded together at most (largest decode batch)")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="weight-only quantization for decode (default: none)")
+    p.add_argument("--quantization", default=None, choices=["int8", "w8a8"],
+                   help="int8: weight-only int8 (per-channel scales); w8a8: int8 weights and int8 "
+                        "activations (per-row scales), int8 x int8 matmuls (default: none)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (the compute dtype) or int8 (a float32 scale "
                         "per token and kv head; ~3.5-4x the pages of float32 per GiB)")

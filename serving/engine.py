@@ -65,6 +65,11 @@ class StreamChunk:
     logprobs: list | None = None
 
 
+# None: float weights; "int8": weight-only int8 (per-channel scales); "w8a8": int8 weights, and
+# activations quantized per row to int8 for int8 x int8 matmuls (model.layers.matmul_2d).
+QUANTIZATIONS = (None, "int8", "w8a8")
+
+
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -109,8 +114,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
-        if quantization not in (None, "int8"):
-            raise ConfigError(f"quantization={quantization!r} is not supported; choose None or 'int8'")
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization={quantization!r} is not supported; choose one of "
+                              f"{QUANTIZATIONS}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; choose one of "
                               f"{', '.join(KV_CACHE_DTYPES)}")
@@ -123,7 +129,7 @@ class Engine:
         if mesh is not None:  # dims the mesh cannot split are replicated in params and activations
             self.rules = fit_rules(self.rules, mesh, logical_dims(abstract_params(self.model)))
         loaders = checkpoint.tree(scan_layers=scan_layers)
-        if quantization == "int8":
+        if quantization is not None:
             loaders = int8_loaders(loaders, self.param_axes)
         bar = None
         if progress:

@@ -14,7 +14,6 @@ OUT is a path prefix: OUT.json (and OUT.npz for arrays) are written by process 0
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
