@@ -70,7 +70,9 @@ def build_parser():
     e.add_argument("--run-dir", required=True)
     e.add_argument("--out", required=True, help="new directory to write")
 
+    from sharding.distributed import add_flags as add_distributed_flags
     for s in (t, r, e):
+        add_distributed_flags(s)  # serving.cli.run joins a multi-process job (SLURM, TPU pods)
         s.add_argument("--compile-cache", default=None, metavar="DIR",
                        help="persistent XLA compilation cache directory")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
