@@ -59,7 +59,8 @@ def test_w8a8_matmul_error_bound_and_rows_independent(transpose_w):
 AGREEMENT = {"int8": 0.9, "w8a8": 0.75}
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+# int8 weight-only is the older, slower-to-serve mode: its check runs with -m slow.
+@pytest.mark.parametrize("quantization", [pytest.param("int8", marks=pytest.mark.slow), "w8a8"])
 def test_quantized_default_model_tracks_float(smollm2_engine, golden_cases, quantization):
     from serving import Engine
     eng = Engine.from_pretrained("smollm2-135m-instruct", dtype="float32", attention="xla",

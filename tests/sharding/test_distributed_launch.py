@@ -121,9 +121,13 @@ def test_launch_runs_every_process_with_its_id_and_prefixes_output():
 
 
 def test_one_failure_stops_the_others(tmp_path):
-    # Process 1 fails at once; process 0 would sleep for a minute and must be killed.
-    code = (f"import os, sys, time; i = os.environ['JAX_PROCESS_ID']; "
-            f"open(os.path.join({str(tmp_path)!r}, 'pid' + i), 'w').write(str(os.getpid())); "
+    # Process 1 fails as soon as process 0 has written its pid (so the check below has one to
+    # look up); process 0 would sleep for a minute and must be killed.
+    code = (f"import os, sys, time; d = {str(tmp_path)!r}; i = os.environ['JAX_PROCESS_ID']; "
+            f"open(os.path.join(d, 'pid' + i + '.tmp'), 'w').write(str(os.getpid())); "
+            f"os.replace(os.path.join(d, 'pid' + i + '.tmp'), os.path.join(d, 'pid' + i)); "
+            f"[time.sleep(0.05) for _ in range(400) if i == '1' and "
+            f"not os.path.exists(os.path.join(d, 'pid0'))]; "
             f"sys.exit(3) if i == '1' else time.sleep(60)")
     out = io.StringIO()
     start = time.monotonic()
