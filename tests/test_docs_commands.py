@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import io
 import os
 import re
@@ -280,8 +281,12 @@ def test_parse_check_rejects_unknown_flags():
 # ============================================================================ slow: run them
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Run the command after these textual replacements (old -> new, each must occur)."""
+    """Run the command after these textual replacements (old -> new, each must occur).
+
+    `needs`: a module the command requires that is an optional extra (not in `.[test]`); without
+    it the command is not run, and the test says so in its output."""
     replace: tuple[tuple[str, str], ...] = ()
+    needs: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,10 +341,11 @@ SCALE: dict[str, Run | Skip] = {
     'python scripts/launch_local.py --num-processes 2 -- scripts/decode.py --prompt "Hi" '
     '--mesh "data=2"': Run((("--prompt", "--max-new-tokens 4 --prompt"),)),
     "python scripts/compile.py --compile-cache ~/.cache/xlrt/xla":
-        Run((("--compile-cache", "--max-seq-len 64 --max-num-seqs 2 --variants plain "
+        Run((("--compile-cache", "--max-seq-len 64 --max-num-seqs 2 --variants full "
                                  "--compile-cache"),)),
     "python scripts/compile.py --target tpu-v5e-8":
-        Run((("--target", "--max-seq-len 64 --max-num-seqs 2 --variants plain --target"),)),
+        Run((("--target", "--max-seq-len 64 --max-num-seqs 2 --variants full --target"),),
+            needs="libtpu"),
     "python scripts/export.py --model smollm2-135m-instruct --out /tmp/smollm2-artifact "
     "--platforms cpu,cuda,tpu": Run((("--platforms cpu,cuda,tpu", "--platforms cpu "
                                       "--max-batch 1 --max-seq-len 64 --prefill-lengths 16"),)),
@@ -362,7 +368,7 @@ SCALE: dict[str, Run | Skip] = {
     # ---------------------------------------------------------------- docs/SERVER.md
     "curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -d "
     "'{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": "
-    "\"Hi\"}]}'": Run((("curl -s", "curl -sf"),)),
+    "\"Hi\"}], \"max_tokens\": 64}'": Run((("curl -s", "curl -sf"),)),
     "python scripts/export.py --model smollm2-135m-instruct --out /tmp/smol-art --max-batch 8":
         Run((("--max-batch 8", "--max-batch 2 --max-seq-len 64 --prefill-lengths 16"),)),
     "python scripts/serve.py --model /tmp/smol-art --port 8000": Run(),
@@ -522,6 +528,9 @@ def test_doc_commands_run(doc, tmp_path):
         for c in cmds:
             entry = SCALE[c.text]
             if isinstance(entry, Skip):
+                continue
+            if entry.needs and importlib.util.find_spec(entry.needs) is None:
+                print(f"{c.where}: not run, needs {entry.needs} (an optional extra): {c.text}")
                 continue
             text = _scaled(c.text, entry, scratch, ports)
             if "scripts/serve.py" in text:  # a server: start it, wait for /health, keep it

@@ -48,15 +48,18 @@ def test_parse_mesh_spec_errors_name_the_problem(spec, message):
 
 
 def test_make_mesh_has_every_axis_as_auto_and_checks_the_device_count():
-    mesh = make_mesh()  # the pytest process has one CPU device
+    # One local device (also when this file runs under scripts/launch_local.py, as
+    # docs/SHARDING.md shows, where jax.devices() spans the processes).
+    one = jax.local_devices()[:1]
+    mesh = make_mesh(devices=one)
     assert mesh.axis_names == MESH_AXES
     assert dict(mesh.shape) == {a: 1 for a in MESH_AXES}
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     assert format_mesh(mesh) == "single device"
     with pytest.raises(MeshError, match="has 2 devices but 1 are available"):
-        make_mesh("data=2")
+        make_mesh("data=2", devices=one)
     with pytest.raises(MeshError, match="not a multiple"):
-        make_mesh("data=-1,tensor=2")
+        make_mesh("data=-1,tensor=2", devices=one)
     assert issubclass(MeshError, ShardingError) and issubclass(ShardingError, ValueError)
 
 
@@ -202,7 +205,7 @@ def test_partition_spec_fallback_and_error(caplog):
 def test_layout_table_on_one_device():
     model = Decoder(get_preset("tiny"))
     boxed = abstract_params(model)
-    mesh = make_mesh()
+    mesh = make_mesh(devices=jax.local_devices()[:1])
     loaders = jax.tree.map(lambda b: (lambda s=b.value.shape: np.ones(s, np.float32)), boxed,
                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     axes = jax.tree.map(lambda b: b.names, boxed,
