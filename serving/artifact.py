@@ -98,7 +98,8 @@ def export(engine, out_dir: str, *, platforms=("cpu",), shapes: ExportShapes = E
     if unknown or not platforms:
         raise ArtifactError(f"platforms must be among {PLATFORMS}, got {list(platforms)}")
     if engine.quantization:
-        raise ArtifactError("exporting int8-quantized engines is not supported; export the "
+        raise ArtifactError(f"exporting quantized engines (quantization="
+                            f"{engine.quantization!r}) is not supported; export the "
                             "float32/bfloat16 model")
     if getattr(engine, "kv_cache_dtype", "auto") != "auto":
         raise ArtifactError(f"exporting an engine with kv_cache_dtype={engine.kv_cache_dtype!r} "
