@@ -1,6 +1,6 @@
 """The default model (SmolLM2-135M, 9 heads, 3 kv heads) through Engine on 8 CPU devices.
 
-Default run: fsdp_tp on data=2,fsdp=2,tensor=2, where 9 heads and 3 kv heads do not divide
+Slow run: fsdp_tp on data=2,fsdp=2,tensor=2, where 9 heads and 3 kv heads do not divide
 tensor=2 and fall back to replication (with a warning), while the MLP and vocab are still split.
 
 Tolerance: on this model, tensor-parallel MLP partial sums change the float32 summation order;
@@ -55,6 +55,7 @@ def _check(report, preset, tensor):
         assert text == ""
 
 
+@pytest.mark.slow  # ~50 s; the default run covers every preset on the tiny model (test_mesh_8dev)
 def test_smollm2_fsdp_tp_on_8_devices(tmp_path):
     report = run_checks("smollm2", str(tmp_path / "s"), "--mesh", "data=2,fsdp=2,tensor=2",
                         "--rules", "fsdp_tp")
