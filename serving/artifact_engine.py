@@ -18,16 +18,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Sequence
 
 import jax
 import numpy as np
 
 from serving.artifact import Artifact, ArtifactError, ArtifactOutput, _bucket, load
 from serving.kv_pages import PageAllocator
-from serving.sampling import (MAX_LOGPROBS, SamplingError, SamplingParams, SamplingTensors,
+from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
-from serving.scheduler import PrefillChunk, Request, RequestError, Scheduler
+from serving.scheduler import (PrefillChunk, Request, RequestError, Scheduler, build_request,
+                               prompt_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,59 +116,15 @@ class ArtifactEngine:
 
     # ================================================================ requests
     def _to_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise RequestError("a token-id prompt must be a list of ints") from None
-            if any(not 0 <= t < self.config.vocab_size for t in ids):
-                raise RequestError(f"token ids must be in [0, {self.config.vocab_size})")
-        else:
-            raise RequestError(f"a prompt is a str or a list of token ids, got "
-                               f"{type(prompt).__name__}")
-        if not ids:
-            raise RequestError("the prompt is empty (0 tokens)")
-        return ids
+        return prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
 
-    def make_request(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                     seed: int | None = None, stop: str | Sequence[str] | None = None,
-                     stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, logprobs: int | None = None,
-                     request_id: str | None = None) -> Request:
+    def make_request(self, prompt, **kwargs) -> Request:
         """Validate one request (RequestError names the problem) without queueing it; the
         arguments of Engine.make_request."""
         ids = self._to_ids(prompt)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(ids) + max_new_tokens} tokens, over the context limit {self.max_seq_len}")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise RequestError("stop strings must be non-empty strings")
-        stop_ids = frozenset(int(t) for t in stop_token_ids)
-        if any(not 0 <= t < self.config.vocab_size for t in stop_ids):
-            raise RequestError(f"stop_token_ids must be in [0, {self.config.vocab_size})")
-        if logprobs is not None and not (isinstance(logprobs, int)
-                                         and 0 <= logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs!r}")
-        try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, seed, repetition_penalty,
-                                    presence_penalty, frequency_penalty).validate()
-        except SamplingError as e:
-            raise RequestError(str(e)) from None
         self._request_counter += 1
-        kwargs = {} if request_id is None else {"request_id": request_id}
-        req = Request(prompt_ids=ids, params=params, max_tokens=max_new_tokens, stop=stops,
-                      stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, **kwargs)
-        req.seed = seed if seed is not None else (self._request_counter * 0x9E3779B1) % 2**32
-        return req
+        return build_request(ids, self._request_counter, max_seq_len=self.max_seq_len,
+                             vocab_size=self.config.vocab_size, **kwargs)
 
     def add_request(self, request: Request) -> Request:
         """Queue a request made by make_request (QueueFullError when the queue is full)."""

@@ -32,9 +32,10 @@ from model.kernels import split_impl
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
-from serving.sampling import (MAX_LOGPROBS, SamplingError, SamplingParams, SamplingTensors,
+from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
-from serving.scheduler import Plan, QueueFullError, Request, RequestError, Scheduler
+from serving.scheduler import (Plan, QueueFullError, Request, RequestError, Scheduler, build_request,
+                               prompt_ids)
 from sharding import (activation_sharding, fit_rules, get_rules, kv_cache_sharding, logical_dims,
                       place_params)
 from sharding.placement import kv_scale_sharding
@@ -261,58 +262,18 @@ class Engine:
 
     # ================================================================ validation
     def _to_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = []
-            for t in prompt:
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise RequestError(f"token ids must be ints, got {type(t).__name__}")
-                if not 0 <= int(t) < self.config.vocab_size:
-                    raise RequestError(f"token id {int(t)} is outside the vocabulary "
-                                       f"[0, {self.config.vocab_size})")
-                ids.append(int(t))
-        else:
-            raise RequestError(f"a prompt must be a string or a list of token ids, "
-                               f"got {type(prompt).__name__}")
-        if not ids:
-            raise RequestError("the prompt is empty (0 tokens); give at least one token")
-        return ids
+        return prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
 
-    def make_request(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                     seed: int | None = None, stop: str | Sequence[str] | None = None,
-                     stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, logprobs: int | None = None,
-                     request_id: str | None = None) -> Request:
-        """Validate one request (RequestError names the problem) without queueing it."""
+    def make_request(self, prompt, **kwargs) -> Request:
+        """Validate one request (RequestError names the problem) without queueing it.
+
+        kwargs: max_new_tokens (64), temperature (0.0), top_k (0), top_p (1.0), min_p (0.0),
+        seed, stop (a string or strings), stop_token_ids, ignore_eos, repetition_penalty,
+        presence_penalty, frequency_penalty, logprobs (top-n, <= MAX_LOGPROBS), request_id."""
         ids = self._to_ids(prompt)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise RequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(ids) + max_new_tokens} tokens, over the context limit {self.max_seq_len}")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise RequestError("stop strings must be non-empty strings")
-        stop_ids = frozenset(int(t) for t in stop_token_ids)
-        if any(not 0 <= t < self.config.vocab_size for t in stop_ids):
-            raise RequestError(f"stop_token_ids must be in [0, {self.config.vocab_size})")
-        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs!r}")
-        try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, seed, repetition_penalty,
-                                    presence_penalty, frequency_penalty).validate()
-        except SamplingError as e:
-            raise RequestError(str(e)) from None
         self._request_counter += 1
-        kwargs = {} if request_id is None else {"request_id": request_id}
-        req = Request(prompt_ids=ids, params=params, max_tokens=max_new_tokens, stop=stops,
-                      stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, **kwargs)
-        req.seed = seed if seed is not None else (self._request_counter * 0x9E3779B1) % 2**32
-        return req
+        return build_request(ids, self._request_counter, max_seq_len=self.max_seq_len,
+                             vocab_size=self.config.vocab_size, **kwargs)
 
     # ================================================================ public API
     def score(self, ids: Sequence[int]) -> np.ndarray:

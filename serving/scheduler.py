@@ -15,7 +15,7 @@ import itertools
 import time
 
 from serving.kv_pages import PageAllocator, pages_needed
-from serving.sampling import SamplingParams
+from serving.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
 
 
 class QueueFullError(RuntimeError):
@@ -213,3 +213,60 @@ class Scheduler:
 
     def record_decode(self, req: Request, num_fed: int) -> None:
         req.num_computed += num_fed
+
+
+def prompt_ids(prompt, tokenizer, vocab_size: int) -> list[int]:
+    """A prompt (a string, encoded with `tokenizer`, or token ids) as a validated id list."""
+    import numpy as np
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        ids = []
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise RequestError(f"token ids must be ints, got {type(t).__name__}")
+            if not 0 <= int(t) < vocab_size:
+                raise RequestError(f"token id {int(t)} is outside the vocabulary [0, {vocab_size})")
+            ids.append(int(t))
+    else:
+        raise RequestError(f"a prompt must be a string or a list of token ids, "
+                           f"got {type(prompt).__name__}")
+    if not ids:
+        raise RequestError("the prompt is empty (0 tokens); give at least one token")
+    return ids
+
+
+def build_request(ids: list[int], number: int, *, max_seq_len: int, vocab_size: int,
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
+                  stop=None, stop_token_ids=(), ignore_eos: bool = False,
+                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, logprobs: int | None = None,
+                  request_id: str | None = None) -> Request:
+    """Validate a request's settings (RequestError names the problem and the limit) and make the
+    Request; `number` (the engine's request count) derives the seed when none is given."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens <= 0:
+        raise RequestError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if len(ids) + max_new_tokens > max_seq_len:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{len(ids) + max_new_tokens} tokens, over the context limit {max_seq_len}")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise RequestError("stop strings must be non-empty strings")
+    stop_ids = frozenset(int(t) for t in stop_token_ids)
+    if any(not 0 <= t < vocab_size for t in stop_ids):
+        raise RequestError(f"stop_token_ids must be in [0, {vocab_size})")
+    if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
+        raise RequestError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+    try:
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed, repetition_penalty,
+                                presence_penalty, frequency_penalty).validate()
+    except SamplingError as e:
+        raise RequestError(str(e)) from None
+    kwargs = {} if request_id is None else {"request_id": request_id}
+    req = Request(prompt_ids=ids, params=params, max_tokens=max_new_tokens, stop=stops,
+                  stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, **kwargs)
+    req.seed = seed if seed is not None else (number * 0x9E3779B1) % 2**32
+    return req
