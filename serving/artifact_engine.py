@@ -26,8 +26,7 @@ from serving.artifact import Artifact, ArtifactError, ArtifactOutput, _bucket, l
 from serving.kv_pages import PageAllocator
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
-from serving.scheduler import (PrefillChunk, Request, RequestError, Scheduler, build_request,
-                               prompt_ids)
+from serving.scheduler import PrefillChunk, Request, RequestError, RequestFrontEnd, Scheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,7 @@ def _sampler(penalties: bool, logprobs: bool):
     return jax.jit(run)
 
 
-class ArtifactEngine:
+class ArtifactEngine(RequestFrontEnd):
     """An artifact with a paged KV cache, a scheduler and on-device sampling; the interface the
     HTTP server uses (make_request, add_request, step, abort, scheduler, allocator, tokenizer)."""
 
@@ -115,31 +114,6 @@ class ArtifactEngine:
         return n
 
     # ================================================================ requests
-    def _to_ids(self, prompt) -> list[int]:
-        return prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
-
-    def make_request(self, prompt, **kwargs) -> Request:
-        """Validate one request (RequestError names the problem) without queueing it; the
-        arguments of Engine.make_request."""
-        ids = self._to_ids(prompt)
-        self._request_counter += 1
-        return build_request(ids, self._request_counter, max_seq_len=self.max_seq_len,
-                             vocab_size=self.config.vocab_size, **kwargs)
-
-    def add_request(self, request: Request) -> Request:
-        """Queue a request made by make_request (QueueFullError when the queue is full)."""
-        with self._lock:
-            try:
-                self.scheduler.add(request)
-            except ValueError as e:
-                raise RequestError(str(e)) from None
-        return request
-
-    def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV pages at once; False if it is unknown or finished."""
-        with self._lock:
-            return self.scheduler.abort(request_id) is not None
-
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int | None = None, **kwargs) -> list[ArtifactOutput]:
         """Complete each prompt (a string or a list of token ids) with continuous batching; with

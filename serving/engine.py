@@ -34,8 +34,8 @@ from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
-from serving.scheduler import (Plan, QueueFullError, Request, RequestError, Scheduler, build_request,
-                               prompt_ids)
+from serving.scheduler import (Plan, QueueFullError, Request, RequestError, RequestFrontEnd,
+                               Scheduler)
 from sharding import (activation_sharding, fit_rules, get_rules, kv_cache_sharding, logical_dims,
                       place_params)
 from sharding.placement import kv_scale_sharding
@@ -75,7 +75,7 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-class Engine:
+class Engine(RequestFrontEnd):
     """A loaded model with its tokenizer, paged KV cache, scheduler and compiled programs."""
 
     def __init__(self, checkpoint: Checkpoint, *, dtype: str = "float32", attention: str = "auto",
@@ -261,20 +261,6 @@ class Engine:
                              lambda: jax.jit(run, donate_argnums=(1,)))
 
     # ================================================================ validation
-    def _to_ids(self, prompt) -> list[int]:
-        return prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
-
-    def make_request(self, prompt, **kwargs) -> Request:
-        """Validate one request (RequestError names the problem) without queueing it.
-
-        kwargs: max_new_tokens (64), temperature (0.0), top_k (0), top_p (1.0), min_p (0.0),
-        seed, stop (a string or strings), stop_token_ids, ignore_eos, repetition_penalty,
-        presence_penalty, frequency_penalty, logprobs (top-n, <= MAX_LOGPROBS), request_id."""
-        ids = self._to_ids(prompt)
-        self._request_counter += 1
-        return build_request(ids, self._request_counter, max_seq_len=self.max_seq_len,
-                             vocab_size=self.config.vocab_size, **kwargs)
-
     # ================================================================ public API
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits, numpy float32 [len(ids), vocab]."""
@@ -289,20 +275,6 @@ class Engine:
             logits = self._forward_program()(self.params, jax.device_put(tokens),
                                              jax.device_put(positions))
         return np.asarray(logits, dtype=np.float32)[0, :len(ids)]
-
-    def add_request(self, request: Request) -> Request:
-        """Queue a request made by make_request (QueueFullError when the queue is full)."""
-        with self._lock:
-            try:
-                self.scheduler.add(request)
-            except ValueError as e:
-                raise RequestError(str(e)) from None
-        return request
-
-    def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV pages at once; False if it is unknown or finished."""
-        with self._lock:
-            return self.scheduler.abort(request_id) is not None
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,

@@ -270,3 +270,37 @@ def build_request(ids: list[int], number: int, *, max_seq_len: int, vocab_size: 
                   stop_token_ids=stop_ids, ignore_eos=ignore_eos, logprobs=logprobs, **kwargs)
     req.seed = seed if seed is not None else (number * 0x9E3779B1) % 2**32
     return req
+
+
+class RequestFrontEnd:
+    """Making, queueing and aborting requests, shared by Engine and ArtifactEngine. The class
+    using it provides tokenizer, config.vocab_size, max_seq_len, scheduler, _lock and
+    _request_counter."""
+
+    def _to_ids(self, prompt) -> list[int]:
+        return prompt_ids(prompt, self.tokenizer, self.config.vocab_size)
+
+    def make_request(self, prompt, **kwargs) -> Request:
+        """Validate one request (RequestError names the problem) without queueing it.
+
+        kwargs: max_new_tokens (64), temperature (0.0), top_k (0), top_p (1.0), min_p (0.0),
+        seed, stop (a string or strings), stop_token_ids, ignore_eos, repetition_penalty,
+        presence_penalty, frequency_penalty, logprobs (top-n, <= MAX_LOGPROBS), request_id."""
+        ids = self._to_ids(prompt)
+        self._request_counter += 1
+        return build_request(ids, self._request_counter, max_seq_len=self.max_seq_len,
+                             vocab_size=self.config.vocab_size, **kwargs)
+
+    def add_request(self, request: Request) -> Request:
+        """Queue a request made by make_request (QueueFullError when the queue is full)."""
+        with self._lock:
+            try:
+                self.scheduler.add(request)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV pages at once; False if it is unknown or finished."""
+        with self._lock:
+            return self.scheduler.abort(request_id) is not None
