@@ -25,9 +25,9 @@ def test_pallas_interpret_greedy_equals_reference_golden(golden_cases):
     """The six golden prompts through both kernels (chunked prefill, then decode), against the
     reference continuations. Interpret mode runs each kernel's grid as an XLA loop that carries
     the whole KV cache, and a batch pays for its longest page table, so on 2 cores the run is
-    split (9.6 min in all on 2 cores, partly shared): the four short prompts (5-18 tokens) batched for 32 tokens, the
-    37-token prompt for 32 tokens, and the 245-token prompt (two prefill chunks) for 8 tokens
-    (~8 s per decode step alone; 32 tokens for all six in one batch took over 30 minutes).
+    split: the four short prompts (5-18 tokens) batched for 32 tokens, the 37-token prompt for
+    32 tokens, and the 245-token prompt (two prefill chunks) for 8 tokens (~8 s per decode step
+    alone). 9.6 min in all on 2 cores; 32 tokens for all six in one batch took over 30 min.
     Layers under nn.scan keep the compile time independent of depth."""
     from serving import Engine
     engine = Engine.from_pretrained("smollm2-135m-instruct", dtype="float32",
