@@ -124,7 +124,7 @@ class Decoder(nn.Module):
             raise ValueError(f"weight_quant={self.weight_quant!r} is not one of {WEIGHT_QUANT}")
         embedding, embed_scale = weight(self, "embedding", nn.initializers.normal(1.0),
                                         (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), (0,),
-                                        self.dtype, raw_int8=cfg.tie_embeddings)
+                                        self.dtype, raw_int8=True)  # gathered, then cast
         x_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
         if embed_scale is not None:
             x_btd = x_btd * jnp.take(embed_scale, tokens_bt, axis=0)[..., None]

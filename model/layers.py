@@ -46,8 +46,8 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     With module.weight_quant "int8" or "w8a8" the parameter is stored as int8 with a float32 scale
     per output channel (`scale_dims`: the dims kept in the scale); the caller multiplies the matmul
     output by the scale, which is cheaper than dequantizing the weight. `raw_int8=True` (weights
-    that only reach matmul_2d) returns the int8 array itself under "w8a8", so matmul_2d can pick
-    the int8 x int8 dot for large enough row counts.
+    that only reach matmul_2d or a row gather) returns the int8 array itself under "w8a8", so
+    matmul_2d runs the int8 x int8 dot; MoE experts (grouped matmuls) keep the float cast.
     """
     if module.weight_quant == "none":
         w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
@@ -56,7 +56,7 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     scale = param_with_axes(module, name + "_scale", nn.initializers.ones,
                             tuple(shape[i] for i in scale_dims), tuple(axes[i] for i in scale_dims),
                             jnp.float32)
-    if raw_int8 and module.weight_quant == "w8a8":  # linear() decides per call shape
+    if raw_int8 and module.weight_quant == "w8a8":  # the int8 array, for matmul_2d
         return w, scale.astype(compute_dtype)
     return w.astype(compute_dtype), scale.astype(compute_dtype)
 
@@ -194,9 +194,12 @@ class Attention(nn.Module):
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
-        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
-        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
-        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2), self.dtype, raw_int8=True)
+        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype,
+                          raw_int8=True)
+        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
+                          self.dtype, raw_int8=True)
+        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
+                          self.dtype, raw_int8=True)
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
                           (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True)
         x = x_btd.astype(self.dtype)
