@@ -59,6 +59,11 @@ def attention(q, k, v, q_pos, kv_pos, *, impl="xla", platform=None, causal=True,
                            platform=platform, **kwargs)
 
 
+# Up to this many query tokens per sequence (decode), the XLA backend computes scores as k @ q^T
+# (paged_decode_xla); longer (prefill) chunks use the reference's q @ k^T GEMMs.
+DECODE_MAX_QUERY_LEN = 8
+
+
 def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, impl="xla",
                     platform=None, sliding_window=None, logit_softcap=None, scale=None,
                     k_scale=None, v_scale=None):
@@ -66,12 +71,18 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, i
 
     k_cache, v_cache: the cache stacked over layers [layers, kv_heads, num_pages, page_size,
     head_dim]; `layer` (a traced scalar inside the layer scan) selects the layer. The XLA path
-    gathers the needed pages straight from the stacked array (no per-layer copy).
+    gathers the needed pages straight from the stacked array (no per-layer copy); decode
+    (<= DECODE_MAX_QUERY_LEN queries per sequence) uses a layout that spares XLA:CPU a
+    transposed copy of the keys (paged_decode_xla).
     An int8 cache comes with k_scale, v_scale [layers, kv_heads, num_pages, 1, page_size] f32;
     both backends dequantize on read (XLA: the gathered pages; Pallas: each page block in VMEM).
     """
     impl, platform = resolve_impl(impl, platform), split_impl(impl, platform)[1]
     kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    if impl == "xla" and q.shape[1] <= DECODE_MAX_QUERY_LEN:
+        from model.kernels.paged_decode_xla import paged_decode_attention
+        return paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens,
+                                      k_scale=k_scale, v_scale=v_scale, **kwargs)
     if impl == "xla":
         k = gather_kv(k_cache, k_scale, page_table, layer, q.dtype)
         v = gather_kv(v_cache, v_scale, page_table, layer, q.dtype)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from model import kernels
 from model.kernels.flash_attention import flash_attention
+from model.kernels.paged_decode_xla import paged_decode_attention
 from model.kernels.reference import attention_reference, paged_attention_reference
 
 from model.kernels.ragged_paged_attention import ragged_paged_attention
@@ -234,6 +235,50 @@ def test_ragged_paged_attention_reads_one_layer_of_a_stacked_cache(platform):
     _close(got, paged_attention_reference(q, k, v, *index), TOL["float32"][0])
     with pytest.raises(ValueError, match="needs `layer`"):
         fn(q, k_cache, v_cache, *index)
+
+
+@settings(max_examples=25, **PROFILE)
+@given(paged_cases())
+@example(paged_case(6, b=3, kvh=3, g=3, h=16, t=1, page_size=16, pages_per_seq=4,
+                    kv_lens=[0, 17, 64], dtype="float32", sliding_window=None,
+                    logit_softcap=None, pages_per_block=None, block_q=None))
+@example(paged_case(7, b=2, kvh=2, g=1, h=8, t=8, page_size=4, pages_per_seq=6,
+                    kv_lens=[3, 24], dtype="bfloat16", sliding_window=8, logit_softcap=4.0,
+                    pages_per_block=None, block_q=None))
+def test_xla_decode_attention_matches_reference(case):
+    """The XLA decode layout (scores as k @ q^T, model.kernels.paged_decode_xla) on one layer of
+    a stacked cache whose other layers are NaN, against the reference on that layer."""
+    dtype = case["dtype"]
+    q = jnp.asarray(case["q"], dtype)
+    k, v = (jnp.nan_to_num(jnp.asarray(case[name], dtype)) for name in ("k_pages", "v_pages"))
+    index = [jnp.asarray(case[name]) for name in ("page_table", "q_pos", "kv_lens")]
+    nan = jnp.full_like(k, jnp.nan)
+    got = jax.jit(lambda lyr: paged_decode_attention(
+        q, jnp.stack([nan, k, nan]), jnp.stack([v, v, nan]).at[0].set(jnp.nan), lyr, *index,
+        **case["options"]))(jnp.int32(1))
+    want = paged_attention_reference(q, k, v, *index, **case["options"])
+    assert got.dtype == q.dtype and got.shape == q.shape
+    _close(got, want, TOL[dtype][0])
+
+
+def test_xla_paged_dispatch_uses_decode_layout_for_short_queries(monkeypatch):
+    """Decode-length queries take paged_decode_xla, prefill-length ones the reference GEMMs; both
+    give the reference's result."""
+    import model.kernels.paged_decode_xla as decode_module
+    calls = []
+    real = decode_module.paged_decode_attention
+    monkeypatch.setattr(decode_module, "paged_decode_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    for t in (1, kernels.DECODE_MAX_QUERY_LEN, kernels.DECODE_MAX_QUERY_LEN + 1):
+        case = paged_case(8 + t, b=2, kvh=2, g=3, h=8, t=t, page_size=4, pages_per_seq=6,
+                          kv_lens=[t + 2, 24], dtype="float32", sliding_window=None,
+                          logit_softcap=None, pages_per_block=None, block_q=None)
+        q = jnp.asarray(case["q"])
+        k, v = (jnp.nan_to_num(jnp.asarray(case[name]))[None] for name in ("k_pages", "v_pages"))
+        index = [jnp.asarray(case[name]) for name in ("page_table", "q_pos", "kv_lens")]
+        _close(kernels.paged_attention(q, k, v, 0, *index, impl="xla"),
+               paged_attention_reference(q, k[0], v[0], *index), TOL["float32"][0])
+    assert calls == [1, kernels.DECODE_MAX_QUERY_LEN]
 
 
 # ---------------------------------------------------------------------------------------------
