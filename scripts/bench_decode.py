@@ -3,15 +3,18 @@
     python scripts/bench_decode.py                       # xlrt float32 and int8
     python scripts/bench_decode.py --kv-cache-dtype auto int8   # + a float32 row with int8 KV
     python scripts/bench_decode.py --llama-python /path/to/venv/bin/python   # + llama.cpp side by side
+    python scripts/bench_decode.py --w8a8 --llama-bin /path/to/llama.cpp/build/bin   # llama-bench
 
 llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 with
 `llama_cpp.llama_model_quantize`) in the same run, either in this interpreter when
-`llama-cpp-python` is installed (the optional `bench` extra) or in the interpreter given by
---llama-python. Medians over --repeats; compare ratios, not absolute times (shared machines).
+`llama-cpp-python` is installed (the optional `bench` extra), in the interpreter given by
+--llama-python, or with llama.cpp's own `llama-bench` from the build directory given by
+--llama-bin (converted with its `llama-quantize`). Medians over --repeats; compare ratios, not absolute times (shared machines).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -100,6 +103,40 @@ def bench_llama_cpp(args) -> dict:
     return out
 
 
+def bench_llama_bench(args) -> dict:
+    """llama.cpp's own `llama-bench` (from a llama.cpp build directory) on the same weights
+    converted to F32 and Q8_0 with its `llama-quantize --allow-requantize`: tg (tokens generated
+    after an empty context) gives ms/token, pp512 (a 512-token prompt in one batch) the prefill
+    time."""
+    tools = {}
+    for tool in ("llama-bench", "llama-quantize"):
+        path = os.path.join(args.llama_bin, tool)
+        if not os.access(path, os.X_OK):
+            raise RuntimeError(f"--llama-bin {args.llama_bin} has no executable {tool}; build it "
+                               f"with `cmake --build build --target {tool}` in a llama.cpp checkout")
+        tools[tool] = path
+    os.makedirs(args.work_dir, exist_ok=True)
+    out = {}
+    for name in ("F32", "Q8_0"):
+        dst = os.path.join(args.work_dir, f"{os.path.basename(args.gguf)}.{name}.gguf")
+        if not os.path.exists(dst):
+            subprocess.run([tools["llama-quantize"], "--allow-requantize", args.gguf, dst, name],
+                           check=True, capture_output=True)
+        proc = subprocess.run([tools["llama-bench"], "-m", dst, "-p", "512", "-n",
+                               str(args.new_tokens), "-t", str(os.cpu_count()), "-r",
+                               str(args.repeats), "-o", "json"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"llama-bench failed: {proc.stderr.strip()[-2000:]}")
+        rows = json.loads(proc.stdout)
+        gen = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == args.new_tokens)
+        pp = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
+        out[name] = {"ms_per_token_b1": round(gen["avg_ns"] / 1e6 / args.new_tokens, 2),
+                     "ttft_512_s": round(pp["avg_ns"] / 1e9, 3),
+                     "source": f"llama-bench {rows[0].get('build_commit', '')}".strip()}
+    return out
+
+
 def main(args) -> int:
     from model.registry import resolve
 
@@ -107,18 +144,18 @@ def main(args) -> int:
     result = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "decode_steps": args.decode_steps, "cpu_count": os.cpu_count()}
     llama = None  # llama.cpp first: it is quick, and a failure there should not waste the rest
-    try:
-        import llama_cpp  # noqa: F401
+    if args.llama_bin:
+        llama = bench_llama_bench(args)
+    elif args.llama_python:
+        cmd = [args.llama_python, os.path.abspath(__file__), "--only-llama", "--gguf", args.gguf,
+               "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+               "--work-dir", args.work_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"llama.cpp benchmark failed: {proc.stderr.strip()[-2000:]}")
+        llama = json.loads(proc.stdout.strip().splitlines()[-1])
+    elif importlib.util.find_spec("llama_cpp") is not None:
         llama = bench_llama_cpp(args)
-    except ImportError:
-        if args.llama_python:
-            cmd = [args.llama_python, os.path.abspath(__file__), "--only-llama", "--gguf", args.gguf,
-                   "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
-                   "--work-dir", args.work_dir]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"llama.cpp benchmark failed: {proc.stderr.strip()[-2000:]}")
-            llama = json.loads(proc.stdout.strip().splitlines()[-1])
     result["xlrt"] = {}
     if "auto" in args.kv_cache_dtype:
         result["xlrt"]["float32"] = bench_xlrt(args, None)
@@ -137,9 +174,12 @@ def main(args) -> int:
             f32, ref = x["float32"], llama["F32"]
             ratios = {"f32_ms_per_token_xlrt_over_llama": f32["ms_per_token_b1"] / ref["ms_per_token_b1"],
                       "f32_ttft_512_xlrt_over_llama": f32["ttft_512_s"] / ref["ttft_512_s"]}
-        if "int8" in x:
-            ratios["int8_ms_per_token_xlrt_over_llama_q8_0"] = (
-                x["int8"]["ms_per_token_b1"] / llama["Q8_0"]["ms_per_token_b1"])
+        for row in ("int8", "w8a8"):
+            if row in x:
+                ratios[f"{row}_ms_per_token_xlrt_over_llama_q8_0"] = (
+                    x[row]["ms_per_token_b1"] / llama["Q8_0"]["ms_per_token_b1"])
+                ratios[f"{row}_ttft_512_xlrt_over_llama_q8_0"] = (
+                    x[row]["ttft_512_s"] / llama["Q8_0"]["ttft_512_s"])
         result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     print(json.dumps(result, indent=1))
     return 0
@@ -179,6 +219,9 @@ elif __name__ == "__main__":
                         "a 'float32_kv_int8' row)")
     p.add_argument("--llama-python", default=None,
                    help="python of a venv with llama-cpp-python, to run llama.cpp side by side")
+    p.add_argument("--llama-bin", default=None, metavar="DIR",
+                   help="a llama.cpp build's bin directory (llama-bench, llama-quantize): run "
+                        "llama.cpp's own benchmark side by side instead of llama-cpp-python")
     p.add_argument("--work-dir", default=os.path.expanduser("~/.cache/xlrt/bench"),
                    help="where converted GGUF files for llama.cpp are kept")
     cli.run(main, p.parse_args())

@@ -1,0 +1,60 @@
+"""scripts/bench_decode.py --llama-bin: llama.cpp's own llama-bench run side by side (fake tools
+stand in for a llama.cpp build: the conversion call and the JSON parsing are what is checked)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import stat
+import types
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts/bench_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tool(path: pathlib.Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_llama_bench_converts_once_and_reads_its_json(tmp_path):
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    # llama-quantize --allow-requantize IN OUT TYPE: record the call, write OUT.
+    _tool(bin_dir / "llama-quantize", f'echo "quantize $*" >> {log}\ncp "$2" "$3"\n')
+    rows = [{"build_commit": "abc123", "n_prompt": 512, "n_gen": 0, "avg_ns": 1_500_000_000},
+            {"build_commit": "abc123", "n_prompt": 0, "n_gen": 16, "avg_ns": 160_000_000}]
+    _tool(bin_dir / "llama-bench", f'echo "bench $*" >> {log}\ncat <<\'JSON\'\n'
+          f'{json.dumps(rows)}\nJSON\n')
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    args = types.SimpleNamespace(llama_bin=str(bin_dir), gguf=str(gguf), work_dir=str(work),
+                                 new_tokens=16, repeats=2)
+    bench = _script().bench_llama_bench
+    out = bench(args)
+    assert out["F32"] == {"ms_per_token_b1": 10.0, "ttft_512_s": 1.5,
+                          "source": "llama-bench abc123"}
+    assert out["Q8_0"]["ms_per_token_b1"] == 10.0
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"quantize --allow-requantize {gguf} {work}/model.gguf.F32.gguf F32"
+    assert calls[1].startswith(f"bench -m {work}/model.gguf.F32.gguf -p 512 -n 16 -t "
+                               f"{os.cpu_count()} -r 2 -o json")
+    assert calls[2].endswith("Q8_0")
+    bench(args)  # converted files are reused
+    assert sum(c.startswith("quantize") for c in log.read_text().splitlines()) == 2
+
+
+def test_llama_bin_without_the_tools_names_what_is_missing(tmp_path):
+    args = types.SimpleNamespace(llama_bin=str(tmp_path), gguf="x.gguf", work_dir=str(tmp_path),
+                                 new_tokens=16, repeats=1)
+    with pytest.raises(RuntimeError, match="no executable llama-bench"):
+        _script().bench_llama_bench(args)
