@@ -46,6 +46,7 @@ SEPARATORS = {"&&", "||", ";", "&", "|"}
 PLACEHOLDER_PATHS = {
     "path/to/model.gguf",                        # README: "your own GGUF file"
     "/path/to/venv-with-llama-cpp/bin/python",   # PERFORMANCE.md: a venv with llama-cpp-python
+    "/path/to/llama.cpp/build/bin",              # PERFORMANCE.md: a llama.cpp build
     "notes/",                                    # TRAINING.md: "your own text"
 }
 # Flags whose value is written by the command (or by an earlier one), so need not exist yet.
@@ -365,6 +366,10 @@ SCALE: dict[str, Run | Skip] = {
              "the README bench_decode command"),
     "python scripts/bench_decode.py --w8a8 --skip-int8":
         Run((("--skip-int8", "--skip-int8 --new-tokens 4 --repeats 1 --concurrency 1"),)),
+    "python scripts/bench_decode.py --w8a8 --skip-int8 --llama-bin /path/to/llama.cpp/build/bin":
+        Skip("needs a llama.cpp build (llama-bench, llama-quantize); the xlrt side is the "
+             "command above and the llama-bench side is checked with stand-in tools in",
+             "tests/test_bench_decode_llama.py"),
     # ---------------------------------------------------------------- docs/SERVER.md
     "curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -d "
     "'{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": "
