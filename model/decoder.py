@@ -100,6 +100,9 @@ class Decoder(nn.Module):
       `layers` axis; compile time independent of depth): the layout for training and checkpoints.
       False unrolls them (params "layers_0/...", ...): XLA:CPU streams separate per-layer weight
       buffers ~1.4x faster than slices of a stacked one, which matters for memory-bound decode.
+    fuse_projections: one q|k|v weight ("qkv") and one gate|up weight ("gate_up") per layer, so
+      decode runs two wide GEMVs instead of five (float weights, unsharded serving; loaders from
+      model.layers.fuse_projection_loaders). The math is the same; the params tree differs.
     """
 
     config: ModelConfig
@@ -109,6 +112,7 @@ class Decoder(nn.Module):
     remat_policy: str = "none"
     weight_quant: str = "none"
     scan_layers: bool = True
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, *, segment_ids_bt=None, cache: KVCache | None = None,
@@ -134,7 +138,8 @@ class Decoder(nn.Module):
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             block = nn.remat(Block, policy=policy, prevent_cse=False)
-        block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant)
+        block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
+                      self.fuse_projections)
         kv = None if cache is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
         if self.scan_layers:
             stack = nn.scan(

@@ -25,6 +25,10 @@ Dtype = Any
 BATCH, LENGTH, EMBED, HEADS, KV_HEADS, HEAD_DIM = "batch", "length", "embed", "heads", "kv_heads", "head_dim"
 MLP_DIM, VOCAB, LAYERS = "mlp", "vocab", "layers"
 CACHE_PAGES, CACHE_PAGE_SLOT = "cache_pages", "cache_page_slot"
+# The output dim of a fused projection weight (q|k|v or gate|up side by side, see
+# fuse_projection_loaders): it mixes axes that tensor parallelism shards differently, so fused
+# weights are for unsharded serving only and no sharding rule names this axis.
+FUSED = "fused"
 
 
 def param_with_axes(module, name, init, shape, axes, dtype):
@@ -177,6 +181,42 @@ def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens, sc
     return cache.at[layer, :, page_ids, slots].set(new_btkh.astype(cache.dtype), mode="drop")
 
 
+def _check_fusable(module) -> None:
+    if module.weight_quant != "none":
+        raise ValueError("fuse_projections works on float weights only, not "
+                         f"weight_quant={module.weight_quant!r}")
+
+
+def fuse_projection_loaders(tree: dict) -> dict:
+    """A params tree of loaders (model.checkpoint.Checkpoint.tree) rewritten for a model with
+    fuse_projections=True: every attention's q, k, v become one "qkv" [..., d_model, (n + 2k) h]
+    and every dense MLP's gate, up one "gate_up" [..., d_model, 2 ffn_dim] (their output columns
+    side by side; stacked layers keep their leading axis). Mixture-of-experts layers keep theirs.
+    """
+    import numpy as np
+
+    def cat(loads, merge_heads: bool):
+        def load():
+            parts = [np.asarray(f()) for f in loads]
+            if merge_heads:  # [..., d_model, heads, head_dim] -> [..., d_model, heads * head_dim]
+                parts = [p.reshape(*p.shape[:-2], -1) for p in parts]
+            return np.concatenate(parts, axis=-1)
+        return load
+
+    out = {}
+    for name, node in tree.items():
+        if not isinstance(node, dict):
+            out[name] = node
+            continue
+        node = fuse_projection_loaders(node)
+        if name == "attn" and {"q", "k", "v"} <= node.keys():
+            node["qkv"] = cat([node.pop("q"), node.pop("k"), node.pop("v")], merge_heads=True)
+        elif name == "mlp" and {"gate", "up"} <= node.keys():
+            node["gate_up"] = cat([node.pop("gate"), node.pop("up")], merge_heads=False)
+        out[name] = node
+    return out
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE; full-sequence or against a paged KV cache."""
 
@@ -185,6 +225,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     weight_quant: str = "none"
+    fuse_projections: bool = False  # one q|k|v weight "qkv" (float, unsharded serving)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
@@ -194,18 +235,28 @@ class Attention(nn.Module):
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
-        w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2), self.dtype,
-                          raw_int8=True)
-        w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
-                          self.dtype, raw_int8=True)
-        w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
-                          self.dtype, raw_int8=True)
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
                           (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True)
         x = x_btd.astype(self.dtype)
-        q_btnh = scaled(linear(x, w_q), s_q)  # BTD,DNH->BTNH
-        k_btkh = scaled(linear(x, w_k), s_k)  # BTD,DKH->BTKH
-        v_btkh = scaled(linear(x, w_v), s_v)  # BTD,DKH->BTKH
+        if self.fuse_projections:  # one GEMV instead of three: faster memory-bound decode on CPU
+            _check_fusable(self)
+            w_qkv = param_with_axes(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED),
+                                    self.param_dtype).astype(self.dtype)
+            qkv = linear(x, w_qkv)  # BTD,DF->BTF with F = (n + 2k) h
+            lead = qkv.shape[:-1]
+            q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
+            k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
+            v_btkh = qkv[..., (n + k) * h:].reshape(*lead, k, h)
+        else:
+            w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2),
+                              self.dtype, raw_int8=True)
+            w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
+                              self.dtype, raw_int8=True)
+            w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
+                              self.dtype, raw_int8=True)
+            q_btnh = scaled(linear(x, w_q), s_q)  # BTD,DNH->BTNH
+            k_btkh = scaled(linear(x, w_k), s_k)  # BTD,DKH->BTKH
+            v_btkh = scaled(linear(x, w_v), s_v)  # BTD,DKH->BTKH
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q_btnh += param_with_axes(self, "q_bias", zeros, (n, h), (HEADS, HEAD_DIM),
@@ -256,19 +307,27 @@ class MLP(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     weight_quant: str = "none"
+    fuse_projections: bool = False  # one gate|up weight "gate_up" (float, unsharded serving)
 
     @nn.compact
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
-        w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
-                                (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
-        w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
-                            (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
         w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
                                 (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True)
         x = x_btd.astype(self.dtype)
-        gate_btf = scaled(linear(x, w_gate), s_gate)  # BTD,DF->BTF
-        up_btf = scaled(linear(x, w_up), s_up)  # BTD,DF->BTF
+        if self.fuse_projections:
+            _check_fusable(self)
+            w_gu = param_with_axes(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
+                                   (EMBED, FUSED), self.param_dtype).astype(self.dtype)
+            gate_up = linear(x, w_gu)  # BTD,DF->BTF with F = 2 ffn_dim
+            gate_btf, up_btf = gate_up[..., :f], gate_up[..., f:]
+        else:
+            w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
+                                    (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
+            w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
+                                (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
+            gate_btf = scaled(linear(x, w_gate), s_gate)  # BTD,DF->BTF
+            up_btf = scaled(linear(x, w_up), s_up)  # BTD,DF->BTF
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
         return scaled(linear(hidden_btf, w_down), s_down)  # BTF,FD->BTD
 
@@ -285,6 +344,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     weight_quant: str = "none"
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
@@ -292,7 +352,7 @@ class Block(nn.Module):
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
         attn_out, cache = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
-                                    self.weight_quant, name="attn")(h, positions_bt, segment_ids_bt, cache, layer,
+                                    self.weight_quant, self.fuse_projections, name="attn")(h, positions_bt, segment_ids_bt, cache, layer,
                                                  page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
@@ -300,6 +360,7 @@ class Block(nn.Module):
             from model.moe import MoE  # model.moe builds on this module's layers
             ffn = MoE(cfg, self.dtype, self.param_dtype, self.weight_quant, name="moe")
         else:
-            ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant, name="mlp")
+            ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
+                      self.fuse_projections, name="mlp")
         x_btd = constrain(x_btd + ffn(h), (BATCH, LENGTH, EMBED))
         return (x_btd, cache), None

@@ -29,6 +29,7 @@ from model.decoder import (Decoder, KVCache, abstract_params, forward,
 from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
 from model.kernels import split_impl
+from model.layers import fuse_projection_loaders
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
@@ -83,7 +84,8 @@ class Engine(RequestFrontEnd):
                  kv_cache_gb: float = 1.0, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
-                 kv_cache_dtype: str = "auto", progress: bool = False):
+                 kv_cache_dtype: str = "auto", fuse_projections: bool | None = None,
+                 progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -123,13 +125,22 @@ class Engine(RequestFrontEnd):
                               f"{', '.join(KV_CACHE_DTYPES)}")
         self.quantization = quantization
         self.kv_cache_dtype = kv_cache_dtype
+        if fuse_projections is None:  # on where it is exact and possible: float, one device
+            fuse_projections = mesh is None and quantization is None
+        elif fuse_projections and (mesh is not None or quantization is not None):
+            raise ConfigError("fuse_projections needs float weights on one device (no mesh, no "
+                              "quantization): a fused q|k|v weight mixes axes that tensor "
+                              "parallelism shards separately")
+        self.fuse_projections = bool(fuse_projections)
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
-                             scan_layers=scan_layers)
+                             scan_layers=scan_layers, fuse_projections=self.fuse_projections)
         self.param_axes = logical_axes(self.model)
         if mesh is not None:  # dims the mesh cannot split are replicated in params and activations
             self.rules = fit_rules(self.rules, mesh, logical_dims(abstract_params(self.model)))
         loaders = checkpoint.tree(scan_layers=scan_layers)
+        if self.fuse_projections:
+            loaders = fuse_projection_loaders(loaders)
         if quantization is not None:
             loaders = int8_loaders(loaders, self.param_axes)
         bar = None
@@ -176,7 +187,8 @@ class Engine(RequestFrontEnd):
         or "int8": int8 keys/values with a float32 scale per token and kv head, ~3.5-4x the
         pages of a float32 cache for the same kv_cache_gb), scan_layers (False, the default,
         unrolls the layers: faster decode on CPU; True keeps them under nn.scan: faster
-        compilation),
+        compilation), fuse_projections (None: on for float weights without a mesh; one q|k|v
+        and one gate|up weight per layer, ~1.3x faster float32 batch-1 decode on CPU),
         progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
@@ -539,7 +551,7 @@ class Engine(RequestFrontEnd):
             "model": self.config.name, "model_config_hash": self.config.fingerprint(),
             "dtype": self.dtype_name, "attention": self.model.attention_impl,
             "quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype,
-            "scan_layers": self.model.scan_layers,
+            "scan_layers": self.model.scan_layers, "fuse_projections": self.fuse_projections,
             "page_size": self.page_size, "num_pages": self.cache.num_pages,
             "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
             "mesh": None if self.mesh is None else dict(self.mesh.shape),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_checkpoint
+from model.config import ConfigError
 from serving import Engine, RequestError
 
 
@@ -122,3 +123,34 @@ def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs
     from model.config import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_tiny_engine(**kwargs)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers, tmp_path):
+    """fuse_projections (the default for float weights on one device) loads q|k|v and gate|up as
+    one weight each; logits match the separate weights and greedy tokens are the same."""
+    import dataclasses
+
+    from model.config import get_preset
+    fused = make_tiny_engine(scan_layers=scan_layers)
+    plain = make_tiny_engine(scan_layers=scan_layers, fuse_projections=False)
+    assert fused.fuse_projections and not plain.fuse_projections
+    layer = fused.params["layers"] if scan_layers else fused.params["layers_0"]
+    assert set(layer["attn"]) == {"o", "qkv"} and set(layer["mlp"]) == {"down", "gate_up"}
+    prompts = _prompts(4)
+    np.testing.assert_allclose(fused.score(prompts[0]), plain.score(prompts[0]), atol=1e-4,
+                               rtol=1e-4)
+    assert ([o.token_ids for o in fused.generate(prompts, max_new_tokens=12)]
+            == [o.token_ids for o in plain.generate(prompts, max_new_tokens=12)])
+    # Biased q/k/v (Qwen-style) keep their biases beside the fused weight.
+    biased = dataclasses.replace(get_preset("tiny"), bos_id=256, eos_id=257, qkv_bias=True)
+    (tmp_path / "biased").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "biased", biased)
+    a, b = Engine(ckpt, attention="xla"), Engine(ckpt, attention="xla", fuse_projections=False)
+    np.testing.assert_allclose(a.score(prompts[1]), b.score(prompts[1]), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_projections_refuse_quantized_or_sharded_engines(make_tiny_engine):
+    assert not make_tiny_engine(quantization="int8").fuse_projections  # the default adapts
+    with pytest.raises(ConfigError, match="fuse_projections needs float weights on one device"):
+        make_tiny_engine(quantization="w8a8", fuse_projections=True)
