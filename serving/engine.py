@@ -188,7 +188,7 @@ class Engine(RequestFrontEnd):
         pages of a float32 cache for the same kv_cache_gb), scan_layers (False, the default,
         unrolls the layers: faster decode on CPU; True keeps them under nn.scan: faster
         compilation), fuse_projections (None: on for float weights without a mesh; one q|k|v
-        and one gate|up weight per layer, ~1.3x faster float32 batch-1 decode on CPU),
+        and one gate|up weight per layer: float32 batch-1 decode 32.2 -> 27.1 ms/token on CPU),
         progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
