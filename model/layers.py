@@ -352,9 +352,9 @@ class Block(nn.Module):
         x_btd, cache = carry
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
-        attn_out, cache = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
-                                    self.weight_quant, self.fuse_projections, name="attn")(h, positions_bt, segment_ids_bt, cache, layer,
-                                                 page_table, kv_lens)
+        attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
+                         self.fuse_projections, name="attn")
+        attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
         if cfg.is_moe:

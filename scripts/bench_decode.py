@@ -9,7 +9,8 @@ llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 w
 `llama_cpp.llama_model_quantize`) in the same run, either in this interpreter when
 `llama-cpp-python` is installed (the optional `bench` extra), in the interpreter given by
 --llama-python, or with llama.cpp's own `llama-bench` from the build directory given by
---llama-bin (converted with its `llama-quantize`). Medians over --repeats; compare ratios, not absolute times (shared machines).
+--llama-bin (converted with its `llama-quantize`). Medians over --repeats; compare ratios, not
+absolute times (shared machines).
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ def bench_llama_bench(args) -> dict:
     for name in ("F32", "Q8_0"):
         dst = os.path.join(args.work_dir, f"{os.path.basename(args.gguf)}.{name}.gguf")
         if not os.path.exists(dst):
-            subprocess.run([tools["llama-quantize"], "--allow-requantize", args.gguf, dst, name],
-                           check=True, capture_output=True)
+            proc = subprocess.run([tools["llama-quantize"], "--allow-requantize", args.gguf, dst,
+                                   name], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"llama-quantize to {name} failed: {proc.stderr.strip()[-2000:]}")
         proc = subprocess.run([tools["llama-bench"], "-m", dst, "-p", "512", "-n",
                                str(args.new_tokens), "-t", str(os.cpu_count()), "-r",
                                str(args.repeats), "-o", "json"],

@@ -272,7 +272,6 @@ class Engine(RequestFrontEnd):
         return self._program(("decode", penalties, logprobs),
                              lambda: jax.jit(run, donate_argnums=(1,)))
 
-    # ================================================================ validation
     # ================================================================ public API
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits, numpy float32 [len(ids), vocab]."""

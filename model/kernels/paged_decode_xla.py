@@ -17,26 +17,15 @@ per-iteration cost outweighs the smaller working set), and gathering kv-head-maj
 Shapes and semantics are those of reference.paged_attention_reference; the stacked cache
 [layers, kv_heads, num_pages, page_size, head_dim] is indexed with `layer` directly, and int8
 pages (k_scale, v_scale [layers, kv_heads, num_pages, 1, page_size]) are dequantized after the
-gather.
+gather (reference.gather_kv, whose [B, S, kv_heads, H] result XLA transposes within the same
+copy: same step time as a gather written in this layout).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from model.kernels.reference import _MASKED
-
-
-def _gather(pages, scales, layer, page_table, dtype):
-    """The pages of each sequence as [B, kv_heads, P * page_size, head_dim] in `dtype`."""
-    g = pages[layer, :, page_table]  # advanced indices first: [B, P, kv_heads, page_size, head_dim]
-    b, p, kvh, ps, h = g.shape
-    g = g.transpose(0, 2, 1, 3, 4).reshape(b, kvh, p * ps, h)
-    if scales is None:
-        return g.astype(dtype)
-    s = scales[layer, :, page_table]  # [B, P, kv_heads, 1, page_size]
-    s = s.transpose(0, 2, 1, 3, 4).reshape(b, kvh, p * ps, 1)
-    return (g.astype(jnp.float32) * s).astype(dtype)
+from model.kernels.reference import _MASKED, gather_kv
 
 
 def paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *,
@@ -48,8 +37,9 @@ def paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_len
     g = n // kvh
     rows = g * t  # ordered (group, query), as in the reference
     scale = h ** -0.5 if scale is None else scale
-    k = _gather(k_cache, k_scale, layer, page_table, q.dtype)
-    v = _gather(v_cache, v_scale, layer, page_table, q.dtype)
+    # [B, S, kv_heads, H] -> [B, kv_heads, S, H]: XLA folds this into the gather's copy.
+    k = gather_kv(k_cache, k_scale, page_table, layer, q.dtype).transpose(0, 2, 1, 3)
+    v = gather_kv(v_cache, v_scale, page_table, layer, q.dtype).transpose(0, 2, 1, 3)
     s = k.shape[2]
     q_t = q.reshape(b, t, kvh, g, h).transpose(0, 2, 4, 3, 1).reshape(b, kvh, h, rows)
     scores = jnp.matmul(k, q_t, preferred_element_type=jnp.float32) * scale  # [B, K, S, rows]
