@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from model import kernels
+from model.kernels import cpu_ffi
 from model.config import ModelConfig
 
 Dtype = Any
@@ -81,6 +82,9 @@ def matmul_2d(x2, w2, transpose_w: bool = False):
         return jax.lax.dot_general(x2, w2, dims)
     rows = x2.shape[0]
     xq, xs = int8_rows(x2)
+    if cpu_ffi.use_int8_matmul(rows, x2.shape[1]):  # few rows on CPU: the VNNI kernel, same sums
+        y = cpu_ffi.int8_matmul(xq, w2, transpose_w)
+        return (y.astype(jnp.float32) * xs).astype(x2.dtype)
     if rows < W8A8_MIN_ROWS:
         xq = jnp.pad(xq, ((0, W8A8_MIN_ROWS - rows), (0, 0)))
     y = jax.lax.dot_general(xq, w2, dims, preferred_element_type=jnp.int32)[:rows]
@@ -181,12 +185,6 @@ def write_kv_pages(cache, layer, new_btkh, positions_bt, page_table, kv_lens, sc
     return cache.at[layer, :, page_ids, slots].set(new_btkh.astype(cache.dtype), mode="drop")
 
 
-def _check_fusable(module) -> None:
-    if module.weight_quant != "none":
-        raise ValueError("fuse_projections works on float weights only, not "
-                         f"weight_quant={module.weight_quant!r}")
-
-
 def fuse_projection_loaders(tree: dict) -> dict:
     """A params tree of loaders (model.checkpoint.Checkpoint.tree) rewritten for a model with
     fuse_projections=True: every attention's q, k, v become one "qkv" [..., d_model, (n + 2k) h]
@@ -225,7 +223,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     weight_quant: str = "none"
-    fuse_projections: bool = False  # one q|k|v weight "qkv" (float, unsharded serving)
+    fuse_projections: bool = False  # one q|k|v weight "qkv" (unsharded serving)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
@@ -238,10 +236,9 @@ class Attention(nn.Module):
         x = x_btd.astype(self.dtype)
         # Parameters are declared in a fixed order (q, k, v, o): random init draws from it.
         if self.fuse_projections:  # one GEMV instead of three: faster memory-bound decode on CPU
-            _check_fusable(self)
-            w_qkv = param_with_axes(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED),
-                                    self.param_dtype).astype(self.dtype)
-            qkv = linear(x, w_qkv)  # BTD,DF->BTF with F = (n + 2k) h
+            w_qkv, s_qkv = weight(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED), (1,),
+                                  self.dtype, raw_int8=True)
+            qkv = scaled(linear(x, w_qkv), s_qkv)  # BTD,DF->BTF with F = (n + 2k) h
             lead = qkv.shape[:-1]
             q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
             k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
@@ -308,17 +305,16 @@ class MLP(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     weight_quant: str = "none"
-    fuse_projections: bool = False  # one gate|up weight "gate_up" (float, unsharded serving)
+    fuse_projections: bool = False  # one gate|up weight "gate_up" (unsharded serving)
 
     @nn.compact
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
         x = x_btd.astype(self.dtype)
         if self.fuse_projections:  # declared before "down", as gate and up are
-            _check_fusable(self)
-            w_gu = param_with_axes(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
-                                   (EMBED, FUSED), self.param_dtype).astype(self.dtype)
-            gate_up = linear(x, w_gu)  # BTD,DF->BTF with F = 2 ffn_dim
+            w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
+                                (EMBED, FUSED), (1,), self.dtype, raw_int8=True)
+            gate_up = scaled(linear(x, w_gu), s_gu)  # BTD,DF->BTF with F = 2 ffn_dim
             gate_btf, up_btf = gate_up[..., :f], gate_up[..., f:]
         else:
             w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),

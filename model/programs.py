@@ -98,9 +98,12 @@ def export_for(fn: Callable, args, platform: str) -> jax.export.Exported:
     """jax.export `fn` at `args` for `platform` ("cpu" | "cuda" | "tpu"). Triton kernels are
     custom calls without jax.export's stability guarantee, so that one check is waived for
     them (an artifact is tied to the jax version that wrote it anyway)."""
+    from model.kernels import cpu_ffi
     disabled = ([jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALL_MARKERS["cuda"])]
                 if platform == "cuda" else [])
-    return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
+    with cpu_ffi.disabled():  # exported programs carry no library-bound CPU kernel
+        return jax.export.export(jax.jit(fn), platforms=[platform],
+                                 disabled_checks=disabled)(*args)
 
 
 def count_kernels(exported: jax.export.Exported, platform: str) -> int:

@@ -1,6 +1,8 @@
 """The engine on a tiny random model: continuous batching, preemption, chunked prefill,
 streaming, abort, stop conditions and request validation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -150,7 +152,25 @@ def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers,
     np.testing.assert_allclose(a.score(prompts[1]), b.score(prompts[1]), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_projections_refuse_quantized_or_sharded_engines(make_tiny_engine):
-    assert not make_tiny_engine(quantization="int8").fuse_projections  # the default adapts
-    with pytest.raises(ConfigError, match="fuse_projections needs float weights on one device"):
-        make_tiny_engine(quantization="w8a8", fuse_projections=True)
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_fused_projections_keep_quantized_logits(make_tiny_engine, quantization):
+    """Quantized weights fuse too (the default on one device): each output column keeps its own
+    scale, so fused and separate weights give the same logits and tokens."""
+    fused = make_tiny_engine(quantization=quantization)
+    plain = make_tiny_engine(quantization=quantization, fuse_projections=False)
+    assert fused.fuse_projections and not plain.fuse_projections
+    attn = fused.params["layers_0"]["attn"]
+    assert attn["qkv"].dtype == jnp.int8 and attn["qkv_scale"].shape == attn["qkv"].shape[-1:]
+    prompts = _prompts(3)
+    np.testing.assert_allclose(fused.score(prompts[0]), plain.score(prompts[0]), atol=1e-5,
+                               rtol=1e-5)
+    assert ([o.token_ids for o in fused.generate(prompts, max_new_tokens=8)]
+            == [o.token_ids for o in plain.generate(prompts, max_new_tokens=8)])
+
+
+def test_fused_projections_refuse_sharded_engines(make_tiny_engine):
+    mesh = jax.make_mesh((1,), ("data",))
+    with pytest.raises(ConfigError, match="fuse_projections needs one device"):
+        make_tiny_engine(mesh=mesh, fuse_projections=True)
+
+

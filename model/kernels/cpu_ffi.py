@@ -1,0 +1,182 @@
+"""CPU kernels compiled on first use and called from XLA programs through the FFI.
+
+`int8_matmul(xq, w)` is the w8a8 decode matmul: int8 x int8 -> int32, bit-identical to XLA's
+dot (integer sums are exact), but it reads each weight byte once for all rows with AVX-512 VNNI
+where the CPU has it (csrc/int8_matmul.cc). XLA:CPU's generic int8 GEMM streams weights at a
+third of the memory bandwidth for one or two rows; docs/PERFORMANCE.md has the numbers.
+
+The source is compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
+(`-march=native`) into a cache directory (`$XLRT_KERNEL_CACHE`, else ~/.cache/xlrt/kernels),
+keyed by the source, the compiler, the flags, jaxlib and the CPU's feature flags; later
+processes load the cached library. Without a compiler, or if the build fails, the model keeps
+XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
+
+`use_int8_matmul(rows, k)` is decided when a program is traced: the kernel runs only on the CPU
+backend, without a mesh (a custom call is not partitioned: sharded weights keep XLA's dot),
+outside `disabled()` (jax.export uses it, so exported programs carry no custom call), and for at
+most INT8_MAX_ROWS rows; longer matmuls (prefill) are compute-bound GEMMs XLA already runs well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.cc"
+TARGET = "xlrt_int8_matmul"
+# Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
+# this, XLA's GEMM re-uses each weight load across enough rows (measured crossover in
+# docs/PERFORMANCE.md).
+INT8_MAX_ROWS = 2
+# int32 accumulation of (x + 128) * w stays exact up to K = 2**31 / (255 * 128).
+INT8_MAX_K = 65536
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "error": None, "vnni": False}
+_disabled = contextvars.ContextVar("xlrt_cpu_kernels_disabled", default=False)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("XLRT_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "xlrt" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Some VMs list AMX without allowing it; the kernel never needs it.
+        flags += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    else:
+        flags += ["-mcpu=native"]
+    return flags
+
+
+def build(defines: tuple[str, ...] = ()) -> Path:
+    """Compile (or find in the cache) the kernel library; returns its path. `defines` are
+    preprocessor macros (the tests build the portable path with XLRT_FORCE_GENERIC)."""
+    compiler = _compiler()
+    flags = _flags() + [f"-D{d}" for d in defines]
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"no C++ compiler ({compiler!r}: {e})") from None
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), compiler, version, " ".join(flags), jax.__version__,
+        platform.machine(), _cpu_flags()]).encode()).hexdigest()[:20]
+    out_dir = cache_dir()
+    out = out_dir / f"xlrt_cpu_{key}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+                               f"{proc.stderr[-2000:]}")
+        os.replace(tmp_out, out)  # atomic: concurrent builders each install a whole file
+    return out
+
+
+def load() -> bool:
+    """Build, load and register the kernels once per process; False (with one warning) if they
+    cannot be built here."""
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"] is not None
+        _state["tried"] = True
+        if os.environ.get("XLRT_CPU_KERNELS", "1") == "0":
+            _state["error"] = "XLRT_CPU_KERNELS=0"
+            return False
+        try:
+            lib = register(TARGET)
+            _state["vnni"] = bool(lib.xlrt_int8_matmul_vnni())
+            _state["lib"] = lib
+        except Exception as e:  # any failure leaves XLA's dot in place
+            _state["error"] = str(e)
+            log.warning("xlrt CPU kernels unavailable, using XLA's int8 dot: %s", e)
+            return False
+        return True
+
+
+def register(target: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build the library with `defines` and register its matmul as the FFI target `target`."""
+    lib = ctypes.cdll.LoadLibrary(str(build(defines)))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.XlrtInt8Matmul), platform="cpu")
+    return lib
+
+
+def status() -> dict:
+    """What the kernels are doing in this process (for bench JSON and bug reports)."""
+    return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"], "error": _state["error"]}
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace programs without the CPU kernels (jax.export: artifacts carry no custom call)."""
+    token = _disabled.set(True)
+    try:
+        yield
+    finally:
+        _disabled.reset(token)
+
+
+def _mesh_active() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty
+
+
+def use_int8_matmul(rows: int, k: int) -> bool:
+    """Whether a traced int8 matmul of `rows` x `k` runs the kernel (see the module docstring)."""
+    if _disabled.get() or rows > INT8_MAX_ROWS or k > INT8_MAX_K:
+        return False
+    if jax.default_backend() != "cpu" or _mesh_active():
+        return False
+    return load()
+
+
+def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
+    """xq int8 [M, K] @ w int8 [K, N] (or [N, K] with transpose_w) -> int32 [M, N], through
+    the registered FFI `target` (call use_int8_matmul or load first)."""
+    if xq.dtype != jnp.int8 or w.dtype != jnp.int8 or xq.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"int8_matmul takes 2-D int8 arrays, got {xq.dtype}{list(xq.shape)} "
+                         f"and {w.dtype}{list(w.shape)}")
+    m, k = xq.shape
+    kw, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
+    if kw != k:
+        raise ValueError(f"int8_matmul: x has {k} columns but w contracts {kw}")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.int32),
+                            vmap_method="sequential")
+    return call(xq, w, transpose_w=np.int64(bool(transpose_w)))

@@ -1,0 +1,147 @@
+"""The compiled CPU int8 matmul (model/kernels/cpu_ffi.py): exact against XLA's int8 dot on both
+code paths (AVX-512 VNNI where the CPU has it, the portable loops everywhere), used by the w8a8
+model only where it should be, and a clean fallback when it cannot be built."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.kernels import cpu_ffi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GENERIC = "xlrt_int8_matmul_generic_test"
+
+
+@pytest.fixture(scope="module")
+def targets():
+    """The default build (what the model uses) and the portable build, both registered."""
+    assert cpu_ffi.load(), f"the CPU kernels did not build here: {cpu_ffi.status()['error']}"
+    cpu_ffi.register(GENERIC, defines=("XLRT_FORCE_GENERIC",))
+    return [cpu_ffi.TARGET, GENERIC]
+
+
+def xla_int8_dot(x, w, transpose_w):
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 200),
+       transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_matches_xla_int8_dot(targets, m, k, n, transpose_w, seed):
+    """Bit-identical to XLA for ragged K (not a multiple of 4 or 64) and N (not a multiple of
+    the tiles), both weight layouts, and full int8 ranges, including -128."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
+    w = jnp.asarray(rng.integers(-128, 128, (n, k) if transpose_w else (k, n), dtype=np.int8))
+    want = np.asarray(xla_int8_dot(x, w, transpose_w))
+    for target in targets:
+        got = jax.jit(lambda x, w, t=target: cpu_ffi.int8_matmul(x, w, transpose_w, t))(x, w)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
+
+
+def test_extreme_values_accumulate_exactly(targets):
+    """The largest sums the kernel allows (x = -128 against w = -128 over a long K) stay exact."""
+    k = 8192
+    x = jnp.full((2, k), -128, jnp.int8)
+    w = jnp.concatenate([jnp.full((k, 3), -128, jnp.int8), jnp.full((k, 3), 127, jnp.int8)], 1)
+    for target in targets:
+        got = np.asarray(cpu_ffi.int8_matmul(x, w, target=target))
+        assert got[0].tolist() == [128 * 128 * k] * 3 + [-128 * 127 * k] * 3
+
+
+def test_decode_shapes_of_the_default_model(targets):
+    """The shapes a SmolLM2-135M w8a8 decode step runs: projections and the tied LM head."""
+    rng = np.random.default_rng(0)
+    for m, k, n, transpose_w in [(1, 576, 960, False), (4, 576, 3072, False),
+                                 (2, 1536, 576, False), (1, 576, 49152, True)]:
+        x = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
+        w = jnp.asarray(rng.integers(-127, 128, (n, k) if transpose_w else (k, n), np.int8))
+        got = cpu_ffi.int8_matmul(x, w, transpose_w)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(xla_int8_dot(x, w, transpose_w)))
+
+
+def test_bad_shapes_name_the_problem():
+    x = jnp.zeros((2, 8), jnp.int8)
+    with pytest.raises(ValueError, match="x has 8 columns but w contracts 9"):
+        cpu_ffi.int8_matmul(x, jnp.zeros((9, 4), jnp.int8))
+    with pytest.raises(ValueError, match="2-D int8"):
+        cpu_ffi.int8_matmul(x.astype(jnp.float32), jnp.zeros((8, 4), jnp.int8))
+
+
+def test_used_only_where_it_should_be(targets):
+    assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
+    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576)  # prefill: XLA's GEMM
+    assert not cpu_ffi.use_int8_matmul(1, cpu_ffi.INT8_MAX_K + 1)  # int32 sums could overflow
+    with cpu_ffi.disabled():  # jax.export
+        assert not cpu_ffi.use_int8_matmul(1, 576)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # sharded weights keep XLA's dot
+        assert not cpu_ffi.use_int8_matmul(1, 576)
+    assert cpu_ffi.use_int8_matmul(1, 576)
+
+
+def test_w8a8_model_same_logits_with_and_without_the_kernel(make_tiny_engine, targets):
+    """The w8a8 decode with the kernel gives exactly XLA's logits and tokens (integer sums are
+    exact; the float epilogue is the same ops)."""
+    prompts = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8], [42]]
+    with_kernel = make_tiny_engine(quantization="w8a8")
+    # One request at a time: decode batches of one row, the kernel's case.
+    out_k = [with_kernel.generate([p], max_new_tokens=10)[0].token_ids for p in prompts]
+    score_k = with_kernel.score(prompts[0])
+    with cpu_ffi.disabled():
+        plain = make_tiny_engine(quantization="w8a8")
+        out_p = [plain.generate([p], max_new_tokens=10)[0].token_ids for p in prompts]
+        score_p = plain.score(prompts[0])
+    assert out_k == out_p
+    np.testing.assert_array_equal(np.asarray(score_k), np.asarray(score_p))
+
+
+def test_the_decode_program_calls_the_kernel(make_tiny_engine, targets):
+    import functools
+
+    from model.decoder import decode_step
+    eng = make_tiny_engine(quantization="w8a8")
+    args = (eng.params, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32), eng.cache,
+            jnp.ones((1, 4), jnp.int32))
+    step = jax.jit(functools.partial(decode_step, eng.model))
+    assert cpu_ffi.TARGET in step.lower(*args).as_text()
+    with cpu_ffi.disabled():
+        assert cpu_ffi.TARGET not in jax.jit(functools.partial(decode_step, eng.model)).lower(
+            *args).as_text()
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++"}, {"XLRT_CPU_KERNELS": "0"}])
+def test_falls_back_to_xla_when_it_cannot_build(tmp_path, env):
+    """No compiler (or the kernels turned off): one warning, XLA's dot, the same matmul."""
+    code = (
+        "import json, jax.numpy as jnp, numpy as np\n"
+        "from model.kernels import cpu_ffi\n"
+        "from model.layers import matmul_2d\n"
+        "x = jnp.asarray(np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64))\n"
+        "w = jnp.asarray(np.arange(64 * 8).reshape(64, 8) % 255 - 127, jnp.int8)\n"
+        "y = matmul_2d(x, w)\n"
+        "print(json.dumps({'use': cpu_ffi.use_int8_matmul(1, 64), 'status': cpu_ffi.status(),\n"
+        "                  'y': np.asarray(y).tolist()}))\n")
+    run_env = dict(os.environ, XLRT_KERNEL_CACHE=str(tmp_path / "kernels"), **env)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["use"] is False and out["status"]["loaded"] is False
+    if "CXX" in env:
+        assert "no C++ compiler" in out["status"]["error"]
+        assert "xlrt CPU kernels unavailable" in proc.stderr
+    else:
+        assert out["status"]["error"] == "XLRT_CPU_KERNELS=0"
+    from model.layers import matmul_2d
+    x = jnp.asarray(np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64))
+    w = jnp.asarray(np.arange(64 * 8).reshape(64, 8) % 255 - 127, jnp.int8)
+    np.testing.assert_array_equal(np.asarray(out["y"], np.float32), np.asarray(matmul_2d(x, w)))
