@@ -1,3 +1,5 @@
+
+
 // xlrt CPU kernel: y[M, N] (int32) = x[M, K] (int8) @ w (int8), exact integer accumulation.
 //
 // The w8a8 decode matmul (model.layers.matmul_2d) for few rows. XLA:CPU runs this dot through a
@@ -39,6 +41,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kKnTile = 64;   // output columns per work item, [K, N] weights
+constexpr int64_t kKnRange = 256;  // columns per work item, [K, N] weights and few rows
+constexpr int64_t kRangeMaxRows = 2;
+constexpr int64_t kPrefetchRows = 16;  // [K, N] ranges: weight rows fetched ahead of use
 constexpr int64_t kNkTile = 16;   // output columns (weight rows) per work item, [N, K] weights
 
 // ---------------------------------------------------------------------------------------------
@@ -130,6 +135,65 @@ void kn_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, in
   }
 }
 
+// [K, N], few rows: the same arithmetic over a range of kKnRange columns at a time, k outermost,
+// with the accumulators in L1 instead of registers. Each step reads kKnRange contiguous bytes
+// of four weight rows, where a single 64-column tile reads 64 bytes per row and leaves the
+// hardware prefetcher a stride of N bytes to follow.
+void kn_range_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
+                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t tiles = (n1 - n0 + 63) / 64;
+  const int64_t per_tile = 4 * (M + 1);  // M rows of 4 accumulators, then 4 corrections
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i zero = _mm512_setzero_si512();
+  std::vector<__m512i> acc(tiles * per_tile, zero);
+  std::vector<__m512i> xb(M);
+  const int64_t last = n1 - n0 - 64 * (tiles - 1);
+  const __mmask64 last_mask = last >= 64 ? ~0ULL : ((1ULL << last) - 1);
+  for (int64_t k = 0; k < K; k += 4) {
+    for (int64_t i = 0; i < M; ++i) {
+      int32_t xs;
+      std::memcpy(&xs, xu + i * kp + k, 4);
+      xb[i] = _mm512_set1_epi32(xs);
+    }
+    const int8_t* base = w + k * N + n0;
+    for (int64_t t = 0; t < tiles; ++t, base += 64) {
+      const __mmask64 mask = t + 1 < tiles ? ~0ULL : last_mask;
+      if (k + kPrefetchRows + 3 < K) {
+        const char* pf = reinterpret_cast<const char*>(base + kPrefetchRows * N);
+        _mm_prefetch(pf, _MM_HINT_T0); _mm_prefetch(pf + N, _MM_HINT_T0);
+        _mm_prefetch(pf + 2 * N, _MM_HINT_T0); _mm_prefetch(pf + 3 * N, _MM_HINT_T0);
+      }
+      const __m512i r0 = _mm512_maskz_loadu_epi8(mask, base);
+      const __m512i r1 = k + 1 < K ? _mm512_maskz_loadu_epi8(mask, base + N) : zero;
+      const __m512i r2 = k + 2 < K ? _mm512_maskz_loadu_epi8(mask, base + 2 * N) : zero;
+      const __m512i r3 = k + 3 < K ? _mm512_maskz_loadu_epi8(mask, base + 3 * N) : zero;
+      const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+      const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+      const __m512i q[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2),
+                            _mm512_unpacklo_epi16(t1, t3), _mm512_unpackhi_epi16(t1, t3)};
+      __m512i* a = acc.data() + t * per_tile;
+      for (int j = 0; j < 4; ++j) a[4 * M + j] = _mm512_dpbusd_epi32(a[4 * M + j], c128, q[j]);
+      for (int64_t i = 0; i < M; ++i)
+        for (int j = 0; j < 4; ++j) a[4 * i + j] = _mm512_dpbusd_epi32(a[4 * i + j], xb[i], q[j]);
+    }
+  }
+  alignas(64) int32_t buf[4][16];
+  for (int64_t t = 0; t < tiles; ++t) {
+    const __m512i* a = acc.data() + t * per_tile;
+    const int64_t width = std::min<int64_t>(64, n1 - n0 - 64 * t);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int j = 0; j < 4; ++j) _mm512_store_si512(buf[j], _mm512_sub_epi32(a[4 * i + j], a[4 * M + j]));
+      int32_t* yr = y + i * N + n0 + 64 * t;
+      for (int L = 0; L < 4; ++L)
+        for (int j = 0; j < 4; ++j)
+          for (int e = 0; e < 4; ++e) {
+            const int64_t col = 16 * L + 4 * j + e;
+            if (col < width) yr[col] = buf[j][4 * L + e];
+          }
+    }
+  }
+}
+
 // [N, K]: each output is a dot of two contiguous rows; 4 weight rows x up to 4 x rows per pass,
 // 64 bytes of k per step (the tail masked).
 void nk_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
@@ -216,7 +280,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
     std::memset(yp, 0, M * N * sizeof(int32_t));
     return ffi::Error::Success();
   }
-  const int64_t tile = transpose_w ? kNkTile : kKnTile;
+  const bool ranged = !transpose_w && M <= kRangeMaxRows && XLRT_VNNI;
+  const int64_t tile = transpose_w ? kNkTile : ranged ? kKnRange : kKnTile;
   const int64_t items = (N + tile - 1) / tile;
 #if XLRT_VNNI
   const int64_t kp = (K + 3) / 4 * 4;
@@ -227,6 +292,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   parallel_for(pool, items, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
     if (transpose_w) nk_tile_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
+    else if (ranged) kn_range_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
     else kn_tile_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
   });
 #else
