@@ -165,9 +165,10 @@ class Decoder(nn.Module):
         if return_hidden:
             return x_btd, new_cache
         if cfg.tie_embeddings:
-            if self.weight_quant == "w8a8":
+            if self.weight_quant != "none":  # int8 embedding rows [V, D]
                 b, t = x_btd.shape[:2]
-                logits = matmul_2d(x_btd.reshape(b * t, -1), embedding, transpose_w=True)
+                logits = matmul_2d(x_btd.reshape(b * t, -1), embedding, transpose_w=True,
+                                   weight_only=self.weight_quant == "int8")
                 logits = logits.reshape(b, t, -1).astype(jnp.float32)
             else:
                 logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding,
@@ -177,7 +178,8 @@ class Decoder(nn.Module):
             head_dv, head_scale = weight(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
                                          (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), (1,),
                                          self.dtype, raw_int8=True)
-            logits = linear(x_btd, head_dv).astype(jnp.float32)  # BTD,DV->BTV
+            logits = linear(x_btd, head_dv, weight_only=self.weight_quant == "int8")  # BTD,DV->BTV
+            logits = logits.astype(jnp.float32)
         logits = scaled(logits, head_scale)
         logits = constrain(logits, (BATCH, LENGTH, VOCAB))
         if logits_at is not None:

@@ -61,7 +61,7 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     scale = param_with_axes(module, name + "_scale", nn.initializers.ones,
                             tuple(shape[i] for i in scale_dims), tuple(axes[i] for i in scale_dims),
                             jnp.float32)
-    if raw_int8 and module.weight_quant == "w8a8":  # the int8 array, for matmul_2d
+    if raw_int8:  # the int8 array, for matmul_2d (w8a8 or weight-only) or a row gather
         return w, scale.astype(compute_dtype)
     return w.astype(compute_dtype), scale.astype(compute_dtype)
 
@@ -74,13 +74,18 @@ def int8_rows(x2):
     return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
 
 
-def matmul_2d(x2, w2, transpose_w: bool = False):
-    """x2 [M, K] @ w2 [K, N] (or w2 [N, K] transposed). An int8 w2 (w8a8) runs int8 x int8 with
-    x2 quantized per row (its scale applied here, the weight's by the caller)."""
+def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
+    """x2 [M, K] @ w2 [K, N] (or w2 [N, K] transposed). An int8 w2 runs int8 x int8 with x2
+    quantized per row (w8a8: its scale applied here, the weight's by the caller), or with
+    weight_only float x2 times the int8 values (the weight's scale again the caller's)."""
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
     if w2.dtype != jnp.int8:
         return jax.lax.dot_general(x2, w2, dims)
     rows = x2.shape[0]
+    if weight_only:  # few float32 rows on CPU: widened in registers, not a float copy of w2
+        if cpu_ffi.use_weight_only_matmul(rows, x2.dtype):
+            return cpu_ffi.weight_only_matmul(x2, w2, transpose_w)
+        return jax.lax.dot_general(x2, w2.astype(x2.dtype), dims)
     xq, xs = int8_rows(x2)
     if cpu_ffi.use_int8_matmul(rows, x2.shape[1]):  # few rows on CPU: the VNNI kernel, same sums
         y = cpu_ffi.int8_matmul(xq, w2, transpose_w)
@@ -91,7 +96,7 @@ def matmul_2d(x2, w2, transpose_w: bool = False):
     return (y.astype(jnp.float32) * xs).astype(x2.dtype)
 
 
-def linear(x, w, contract: int = 1):
+def linear(x, w, contract: int = 1, weight_only: bool = False):
     """Contract the last `contract` dims of x with the first `contract` dims of w.
 
     Written as one 2-D matmul on flattened views: XLA:CPU runs [M, K] x [K, N] as a fast GEMV/GEMM
@@ -103,7 +108,7 @@ def linear(x, w, contract: int = 1):
     for d in cdims:
         k *= d
     out_dims = w.shape[contract:]
-    y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1))
+    y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1), weight_only=weight_only)
     return y.reshape(*lead, *out_dims)
 
 
@@ -234,11 +239,13 @@ class Attention(nn.Module):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
         x = x_btd.astype(self.dtype)
+        wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
         # Parameters are declared in a fixed order (q, k, v, o): random init draws from it.
         if self.fuse_projections:  # one GEMV instead of three: faster memory-bound decode on CPU
             w_qkv, s_qkv = weight(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED), (1,),
                                   self.dtype, raw_int8=True)
-            qkv = scaled(linear(x, w_qkv), s_qkv)  # BTD,DF->BTF with F = (n + 2k) h
+            # BTD,DF->BTF with F = (n + 2k) h
+            qkv = scaled(linear(x, w_qkv, weight_only=wo), s_qkv)
             lead = qkv.shape[:-1]
             q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
             k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
@@ -250,9 +257,9 @@ class Attention(nn.Module):
                               self.dtype, raw_int8=True)
             w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
                               self.dtype, raw_int8=True)
-            q_btnh = scaled(linear(x, w_q), s_q)  # BTD,DNH->BTNH
-            k_btkh = scaled(linear(x, w_k), s_k)  # BTD,DKH->BTKH
-            v_btkh = scaled(linear(x, w_v), s_v)  # BTD,DKH->BTKH
+            q_btnh = scaled(linear(x, w_q, weight_only=wo), s_q)  # BTD,DNH->BTNH
+            k_btkh = scaled(linear(x, w_k, weight_only=wo), s_k)  # BTD,DKH->BTKH
+            v_btkh = scaled(linear(x, w_v, weight_only=wo), s_v)  # BTD,DKH->BTKH
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
                           (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True)
         if cfg.qkv_bias:
@@ -294,7 +301,8 @@ class Attention(nn.Module):
                 impl=self.attention_impl, sliding_window=cfg.sliding_window, k_scale=k_scale,
                 v_scale=v_scale)
         out_btnh = constrain(out_btnh, (BATCH, LENGTH, HEADS, HEAD_DIM))
-        out_btd = scaled(linear(out_btnh, w_o, contract=2), s_o)  # BTNH,NHD->BTD
+        # BTNH,NHD->BTD
+        out_btd = scaled(linear(out_btnh, w_o, contract=2, weight_only=wo), s_o)
         return out_btd, cache
 
 
@@ -311,22 +319,23 @@ class MLP(nn.Module):
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
         x = x_btd.astype(self.dtype)
+        wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
         if self.fuse_projections:  # declared before "down", as gate and up are
             w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
                                 (EMBED, FUSED), (1,), self.dtype, raw_int8=True)
-            gate_up = scaled(linear(x, w_gu), s_gu)  # BTD,DF->BTF with F = 2 ffn_dim
+            gate_up = scaled(linear(x, w_gu, weight_only=wo), s_gu)  # BTD,DF->BTF, F = 2 ffn_dim
             gate_btf, up_btf = gate_up[..., :f], gate_up[..., f:]
         else:
             w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
                                     (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
             w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
                                 (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
-            gate_btf = scaled(linear(x, w_gate), s_gate)  # BTD,DF->BTF
-            up_btf = scaled(linear(x, w_up), s_up)  # BTD,DF->BTF
+            gate_btf = scaled(linear(x, w_gate, weight_only=wo), s_gate)  # BTD,DF->BTF
+            up_btf = scaled(linear(x, w_up, weight_only=wo), s_up)  # BTD,DF->BTF
         w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
                                 (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True)
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
-        return scaled(linear(hidden_btf, w_down), s_down)  # BTF,FD->BTD
+        return scaled(linear(hidden_btf, w_down, weight_only=wo), s_down)  # BTF,FD->BTD
 
 
 class Block(nn.Module):

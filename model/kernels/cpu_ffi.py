@@ -1,9 +1,13 @@
 """CPU kernels compiled on first use and called from XLA programs through the FFI.
 
-`int8_matmul(xq, w)` is the w8a8 decode matmul: int8 x int8 -> int32, bit-identical to XLA's
-dot (integer sums are exact), but it reads each weight byte once for all rows with AVX-512 VNNI
-where the CPU has it (csrc/int8_matmul.cc). XLA:CPU's generic int8 GEMM streams weights at a
-third of the memory bandwidth for one or two rows; docs/PERFORMANCE.md has the numbers.
+Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
+- `int8_matmul(xq, w)` (w8a8): int8 x int8 -> int32, bit-identical to XLA's dot (integer sums
+  are exact), reading each weight byte once for all rows with AVX-512 VNNI where the CPU has it.
+  XLA:CPU's generic int8 GEMM streams weights at a third of the memory bandwidth for one or two
+  rows.
+- `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
+  in registers. XLA converts the whole weight to float in memory first.
+docs/PERFORMANCE.md has the numbers.
 
 The source is compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into a cache directory (`$XLRT_KERNEL_CACHE`, else ~/.cache/xlrt/kernels),
@@ -11,10 +15,11 @@ keyed by the source, the compiler, the flags, jaxlib and the CPU's feature flags
 processes load the cached library. Without a compiler, or if the build fails, the model keeps
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
-`use_int8_matmul(rows, k)` is decided when a program is traced: the kernel runs only on the CPU
-backend, without a mesh (a custom call is not partitioned: sharded weights keep XLA's dot),
-outside `disabled()` (jax.export uses it, so exported programs carry no custom call), and for at
-most INT8_MAX_ROWS rows; longer matmuls (prefill) are compute-bound GEMMs XLA already runs well.
+Whether a matmul uses a kernel is decided when its program is traced (`use_int8_matmul`,
+`use_weight_only_matmul`): only on the CPU backend, without a mesh (a custom call is not
+partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
+exported programs carry no custom call), and for at most INT8_MAX_ROWS / WEIGHT_ONLY_MAX_ROWS
+rows; longer matmuls (prefill) are compute-bound GEMMs that XLA already runs well.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.cc"
-TARGET = "xlrt_int8_matmul"
+TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
+WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
 # this, XLA's GEMM re-uses each weight load across enough rows (measured crossover in
 # docs/PERFORMANCE.md).
 INT8_MAX_ROWS = 2
+# Weight-only int8 (float32 rows times int8 weights): up to this many rows per matmul.
+WEIGHT_ONLY_MAX_ROWS = 32
 # int32 accumulation of (x + 128) * w stays exact up to K = 2**31 / (255 * 128).
 INT8_MAX_K = 65536
 
@@ -121,7 +129,7 @@ def load() -> bool:
             _state["error"] = "XLRT_CPU_KERNELS=0"
             return False
         try:
-            lib = register(TARGET)
+            lib = register()
             _state["vnni"] = bool(lib.xlrt_int8_matmul_vnni())
             _state["lib"] = lib
         except Exception as e:  # any failure leaves XLA's dot in place
@@ -131,10 +139,14 @@ def load() -> bool:
         return True
 
 
-def register(target: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build the library with `defines` and register its matmul as the FFI target `target`."""
+def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build the library with `defines` and register its matmuls as the FFI targets TARGET and
+    WEIGHT_ONLY_TARGET, each followed by `suffix`."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.XlrtInt8Matmul), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET + suffix, jax.ffi.pycapsule(lib.XlrtInt8Matmul),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(WEIGHT_ONLY_TARGET + suffix,
+                                jax.ffi.pycapsule(lib.XlrtF32Int8Matmul), platform="cpu")
     return lib
 
 
@@ -159,9 +171,21 @@ def _mesh_active() -> bool:
 
 
 def use_int8_matmul(rows: int, k: int) -> bool:
-    """Whether a traced int8 matmul of `rows` x `k` runs the kernel (see the module docstring)."""
+    """Whether a traced w8a8 matmul of `rows` x `k` runs the kernel (see the module docstring)."""
     if _disabled.get() or rows > INT8_MAX_ROWS or k > INT8_MAX_K:
         return False
+    return _usable()
+
+
+def use_weight_only_matmul(rows: int, dtype) -> bool:
+    """Whether a traced weight-only int8 matmul with `rows` float rows of `dtype` runs the
+    kernel: float32 activations, up to WEIGHT_ONLY_MAX_ROWS rows."""
+    if _disabled.get() or rows > WEIGHT_ONLY_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
+        return False
+    return _usable()
+
+
+def _usable() -> bool:
     if jax.default_backend() != "cpu" or _mesh_active():
         return False
     return load()
@@ -180,3 +204,18 @@ def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.int32),
                             vmap_method="sequential")
     return call(xq, w, transpose_w=np.int64(bool(transpose_w)))
+
+
+def weight_only_matmul(x, w, transpose_w: bool = False, target: str = WEIGHT_ONLY_TARGET):
+    """x float32 [M, K] @ float(w), w int8 [K, N] (or [N, K] with transpose_w) -> float32 [M, N]
+    (the weight's scale is the caller's), through the registered FFI `target`."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"weight_only_matmul takes 2-D float32 x and int8 w, got "
+                         f"{x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+    m, k = x.shape
+    kw, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
+    if kw != k:
+        raise ValueError(f"weight_only_matmul: x has {k} columns but w contracts {kw}")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, transpose_w=np.int64(bool(transpose_w)))

@@ -1,6 +1,7 @@
-"""The compiled CPU int8 matmul (model/kernels/cpu_ffi.py): exact against XLA's int8 dot on both
-code paths (AVX-512 VNNI where the CPU has it, the portable loops everywhere), used by the w8a8
-model only where it should be, and a clean fallback when it cannot be built."""
+"""The compiled CPU int8-weight matmuls (model/kernels/cpu_ffi.py): the w8a8 one exact against
+XLA's int8 dot and the weight-only one within float rounding of XLA's, on both code paths (the
+CPU's vector extensions where it has them, the portable loops everywhere); used by the models
+only where they should be, and a clean fallback when they cannot be built."""
 
 import json
 import os
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from model.kernels import cpu_ffi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GENERIC = "xlrt_int8_matmul_generic_test"
+GENERIC = "_generic_test"  # suffix of the portable build's targets
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,12 @@ def targets():
     """The default build (what the model uses) and the portable build, both registered."""
     assert cpu_ffi.load(), f"the CPU kernels did not build here: {cpu_ffi.status()['error']}"
     cpu_ffi.register(GENERIC, defines=("XLRT_FORCE_GENERIC",))
-    return [cpu_ffi.TARGET, GENERIC]
+    return [cpu_ffi.TARGET, cpu_ffi.TARGET + GENERIC]
+
+
+@pytest.fixture(scope="module")
+def weight_only_targets(targets):
+    return [cpu_ffi.WEIGHT_ONLY_TARGET, cpu_ffi.WEIGHT_ONLY_TARGET + GENERIC]
 
 
 def xla_int8_dot(x, w, transpose_w):
@@ -46,6 +52,24 @@ def test_matches_xla_int8_dot(targets, m, k, n, transpose_w, seed):
     for target in targets:
         got = jax.jit(lambda x, w, t=target: cpu_ffi.int8_matmul(x, w, transpose_w, t))(x, w)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 200),
+       transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_weight_only_matches_xla(weight_only_targets, m, k, n, transpose_w, seed):
+    """float32 rows times int8 weights: XLA's dot of the widened weight, to float rounding, for
+    one row (column ranges), several (register blocks of up to 6 rows) and both layouts."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = jnp.asarray(rng.integers(-128, 128, (n, k) if transpose_w else (k, n), dtype=np.int8))
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    want = np.asarray(jax.lax.dot_general(x, w.astype(jnp.float32), dims, precision="highest"))
+    bound = 1e-5 * (np.abs(np.asarray(x)).sum(1, keepdims=True) * 128 + 1)
+    for target in weight_only_targets:
+        got = jax.jit(lambda x, w, t=target: cpu_ffi.weight_only_matmul(x, w, transpose_w, t))(
+            x, w)
+        assert np.all(np.abs(np.asarray(got) - want) <= bound), target
 
 
 def test_extreme_values_accumulate_exactly(targets):
@@ -75,6 +99,8 @@ def test_bad_shapes_name_the_problem():
         cpu_ffi.int8_matmul(x, jnp.zeros((9, 4), jnp.int8))
     with pytest.raises(ValueError, match="2-D int8"):
         cpu_ffi.int8_matmul(x.astype(jnp.float32), jnp.zeros((8, 4), jnp.int8))
+    with pytest.raises(ValueError, match="2-D float32 x and int8 w"):
+        cpu_ffi.weight_only_matmul(x, jnp.zeros((8, 4), jnp.int8))
 
 
 def test_used_only_where_it_should_be(targets):
@@ -86,6 +112,32 @@ def test_used_only_where_it_should_be(targets):
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # sharded weights keep XLA's dot
         assert not cpu_ffi.use_int8_matmul(1, 576)
     assert cpu_ffi.use_int8_matmul(1, 576)
+    assert cpu_ffi.use_weight_only_matmul(cpu_ffi.WEIGHT_ONLY_MAX_ROWS, jnp.float32)
+    assert not cpu_ffi.use_weight_only_matmul(cpu_ffi.WEIGHT_ONLY_MAX_ROWS + 1, jnp.float32)
+    assert not cpu_ffi.use_weight_only_matmul(1, jnp.bfloat16)  # bfloat16 keeps XLA's dot
+    with cpu_ffi.disabled():
+        assert not cpu_ffi.use_weight_only_matmul(1, jnp.float32)
+
+
+def test_weight_only_model_tracks_xla(make_tiny_engine, targets):
+    """Weight-only int8 decode through the kernel: the logits of XLA's path to float rounding,
+    and the same greedy tokens, alone and batched."""
+    prompts = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8], [42]]
+    with_kernel = make_tiny_engine(quantization="int8")
+    out_k = [o.token_ids for o in with_kernel.generate(prompts, max_new_tokens=10)]
+    alone_k = [with_kernel.generate([p], max_new_tokens=10)[0].token_ids for p in prompts]
+    with cpu_ffi.disabled():
+        plain = make_tiny_engine(quantization="int8")
+        out_p = [o.token_ids for o in plain.generate(prompts, max_new_tokens=10)]
+    assert out_k == out_p == alone_k
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 1, 64), np.float32))
+    params = with_kernel.params["layers_0"]["mlp"]
+    from model.layers import matmul_2d
+    w = params["gate_up"]
+    y_k = matmul_2d(x[0], w, weight_only=True)
+    with cpu_ffi.disabled():
+        y_p = matmul_2d(x[0], w, weight_only=True)
+    np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_p), rtol=1e-5, atol=1e-5)
 
 
 def test_w8a8_model_same_logits_with_and_without_the_kernel(make_tiny_engine, targets):

@@ -1,21 +1,25 @@
 
 
-// xlrt CPU kernel: y[M, N] (int32) = x[M, K] (int8) @ w (int8), exact integer accumulation.
+// xlrt CPU kernels for int8 weights at decode, called from XLA programs through the FFI.
 //
-// The w8a8 decode matmul (model.layers.matmul_2d) for few rows. XLA:CPU runs this dot through a
-// generic GEMM that streams int8 weights at ~6 GB/s for one or two rows; this kernel reads every
-// weight byte once for all rows and multiplies with AVX-512 VNNI (vpdpbusd) where the compiler
-// targets it, else with plain loops the compiler vectorizes. The result is bit-identical to
-// XLA's int8 x int8 -> int32 dot (integer sums are exact), so either path may run.
+// XlrtInt8Matmul (w8a8): y[M, N] (int32) = x[M, K] (int8) @ w (int8), exact integer sums.
+// XLA:CPU runs this dot through a generic GEMM that streams int8 weights at ~6 GB/s for one or
+// two rows; this kernel reads every weight byte once for all rows and multiplies with AVX-512
+// VNNI (vpdpbusd) where the compiler targets it, else with plain loops the compiler vectorizes.
+// The result is bit-identical to XLA's int8 x int8 -> int32 dot, so either path may run.
 //
-// w is [K, N] ("kn", a layer weight) or, with transpose_w, [N, K] ("nk", the tied embedding used
-// as the LM head). Work is split over output columns across XLA's intra-op thread pool: tasks
-// and the calling thread take tiles from a shared counter, and the caller waits only for tiles
-// already taken, so a task that starts late finds nothing to do and the call never waits on a
-// busy pool.
+// XlrtF32Int8Matmul (weight-only int8): y (f32) = x (f32) @ float(w), widening each weight
+// byte in registers. XLA converts the whole weight to float in memory first (weight-only int8
+// decode was ~9x slower than float32). Float sums: equal to XLA's up to rounding.
+//
+// w is [K, N] (a layer weight) or, with transpose_w, [N, K] (the tied embedding used as the LM
+// head). Work is split over output columns across XLA's intra-op thread pool: tasks and the
+// calling thread take tiles from a shared counter, and the caller waits only for tiles already
+// taken, so a task that starts late finds nothing to do and the call never waits on a busy
+// pool.
 //
 // Built at first use by model/kernels/cpu_ffi.py (c++ -O3 -march=native) and registered as the
-// XLA FFI target "xlrt_int8_matmul".
+// XLA FFI targets "xlrt_int8_matmul" and "xlrt_f32_int8_matmul".
 
 #include <algorithm>
 #include <atomic>
@@ -305,6 +309,151 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weight-only int8: y[M, N] (f32) = x[M, K] (f32) @ float(w) (int8), the per-channel scale applied
+// by the caller. Each weight byte is read once, widened and multiplied in registers; XLA instead
+// converts the whole weight to float in memory first. Plain loops the compiler vectorizes
+// (vpmovsxbd, vcvtdq2ps, vfmadd on x86; the same on NEON), so one path serves every CPU. Float
+// sums run in a different order than XLA's dot: results agree to float rounding, not bits.
+
+constexpr int64_t kF32Range = 256;  // [K, N]: columns per work item
+constexpr int64_t kF32NkTile = 16;  // [N, K]: weight rows per work item
+constexpr int64_t kLanes = 16;      // partial sums per dot product, one vector register
+
+void f32_kn_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                  int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  std::vector<float> acc(M * width, 0.0f);
+  alignas(64) float wf[kF32Range];
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* wr = w + k * N + n0;
+    if (k + kPrefetchRows < K) {
+      for (int64_t c = 0; c < width; c += 64) __builtin_prefetch(wr + kPrefetchRows * N + c);
+    }
+    if (M == 1) {  // widen and multiply in one pass
+      const float xv = x[k];
+      float* a = acc.data();
+      for (int64_t j = 0; j < width; ++j) a[j] += xv * static_cast<float>(wr[j]);
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) wf[j] = static_cast<float>(wr[j]);  // once for all rows
+    for (int64_t m = 0; m < M; ++m) {
+      const float xv = x[m * K + k];
+      float* a = acc.data() + m * width;
+      for (int64_t j = 0; j < width; ++j) a[j] += xv * wf[j];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(y + m * N + n0, acc.data() + m * width, width * sizeof(float));
+}
+
+#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
+#define XLRT_AVX512 1
+// [K, N] with AVX-512: 64 columns x MB rows of float accumulators in registers; each k widens
+// 64 weight bytes once (4 x 16 floats) and feeds MB rows of FMAs.
+template <int MB>
+void f32_kn_block_avx512(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                         int64_t n0, int64_t width) {
+  const __mmask64 mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int8_t* wr = w + n0;
+  for (int64_t k = 0; k < K; ++k, wr += N) {
+    if (k + kPrefetchRows < K) _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * N), _MM_HINT_T0);
+    const __m512i bytes = _mm512_maskz_loadu_epi8(mask, wr);
+    __m512 wf[4];
+    for (int j = 0; j < 4; ++j)
+      wf[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, j)));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(xv, wf[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float* yr = y + m * N + n0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = width - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 mj = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      _mm512_mask_storeu_ps(yr + 16 * j, mj, acc[m][j]);
+    }
+  }
+}
+
+void f32_kn_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
+                        int64_t N, int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) f32_kn_block_avx512<6>(x + m * K, w, y + m * N, K, N, n0, width);
+  switch (M - m) {
+    case 5: f32_kn_block_avx512<5>(x + m * K, w, y + m * N, K, N, n0, width); break;
+    case 4: f32_kn_block_avx512<4>(x + m * K, w, y + m * N, K, N, n0, width); break;
+    case 3: f32_kn_block_avx512<3>(x + m * K, w, y + m * N, K, N, n0, width); break;
+    case 2: f32_kn_block_avx512<2>(x + m * K, w, y + m * N, K, N, n0, width); break;
+    case 1: f32_kn_block_avx512<1>(x + m * K, w, y + m * N, K, N, n0, width); break;
+    default: break;
+  }
+}
+#else
+#define XLRT_AVX512 0
+#endif
+
+void f32_nk_tile(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
+  const int64_t kv = K / kLanes * kLanes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __builtin_prefetch(wr + 4 * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float part[kLanes] = {};
+      for (int64_t k = 0; k < kv; k += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) part[l] += xm[k + l] * static_cast<float>(wr[k + l]);
+      float sum = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+      for (int64_t k = kv; k < K; ++k) sum += xm[k] * static_cast<float>(wr[k]);
+      y[m * N + n] = sum;
+    }
+  }
+}
+
+ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t transpose_w) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: x and w must be 2-D");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  const int64_t N = transpose_w ? wd[0] : wd[1];
+  if ((transpose_w ? wd[1] : wd[0]) != K) {
+    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: contracting dimensions differ");
+  }
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != M || yd[1] != N) {
+    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: output must be [M, N]");
+  }
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  // One row streams best as wide column ranges; more rows reuse each widened weight from
+  // registers (AVX-512) across up to 6 rows.
+  const bool blocked = XLRT_AVX512 && !transpose_w && M > 1;
+  const int64_t tile = transpose_w ? kF32NkTile : blocked ? 64 : kF32Range;
+  parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
+    const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
+    if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
+#if XLRT_AVX512
+    else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
+#endif
+    else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,
@@ -316,3 +465,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,
                                   .Attr<int64_t>("transpose_w"));
 
 extern "C" int xlrt_int8_matmul_vnni() { return XLRT_VNNI; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Int8Matmul, F32Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("transpose_w"));
