@@ -370,6 +370,11 @@ SCALE: dict[str, Run | Skip] = {
         Skip("needs a llama.cpp build (llama-bench, llama-quantize); the xlrt side is the "
              "command above and the llama-bench side is checked with stand-in tools in",
              "tests/test_bench_decode_llama.py"),
+    "python scripts/bench_decode.py --w8a8 --llama-bin /path/to/llama.cpp/build/bin":
+        Skip("needs a llama.cpp build (llama-bench, llama-quantize); the xlrt side is the "
+             "--w8a8 --skip-int8 command above (int8 decode: tests/model/test_cpu_kernels.py) "
+             "and the llama-bench side is checked with stand-in tools in",
+             "tests/test_bench_decode_llama.py"),
     # ---------------------------------------------------------------- docs/SERVER.md
     "curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -d "
     "'{\"model\": \"smollm2-135m-instruct\", \"messages\": [{\"role\": \"user\", \"content\": "
