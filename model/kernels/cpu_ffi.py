@@ -106,7 +106,16 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     out = out_dir / f"xlrt_cpu_{key}.so"
     if out.exists():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"{out_dir} is not writable")
+    except OSError:  # a read-only home: a per-user directory under the system temp dir
+        out_dir = Path(tempfile.gettempdir()) / f"xlrt-kernels-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / out.name
+        if out.exists():
+            return out
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_out = Path(tmp) / out.name
         cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
