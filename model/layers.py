@@ -51,8 +51,9 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     With module.weight_quant "int8" or "w8a8" the parameter is stored as int8 with a float32 scale
     per output channel (`scale_dims`: the dims kept in the scale); the caller multiplies the matmul
     output by the scale, which is cheaper than dequantizing the weight. `raw_int8=True` (weights
-    that only reach matmul_2d or a row gather) returns the int8 array itself under "w8a8", so
-    matmul_2d runs the int8 x int8 dot; MoE experts (grouped matmuls) keep the float cast.
+    that only reach matmul_2d or a row gather) returns the int8 array itself, so matmul_2d runs
+    the int8 x int8 dot (w8a8) or widens the weight where it multiplies (weight-only, with
+    `weight_only=True`); MoE experts (grouped matmuls) keep the float cast.
     """
     if module.weight_quant == "none":
         w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
