@@ -200,31 +200,28 @@ def _usable() -> bool:
     return load()
 
 
+def _ffi_matmul(target, x, w, transpose_w, x_dtype, out_dtype, what):
+    """Checks x [M, K] and w [K, N] (or [N, K]) and calls the FFI matmul `target`."""
+    if x.dtype != x_dtype or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"{what} takes 2-D {jnp.dtype(x_dtype).name} x and int8 w, got "
+                         f"{x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+    m, k = x.shape
+    kw, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
+    if kw != k:
+        raise ValueError(f"{what}: x has {k} columns but w contracts {kw}")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), out_dtype),
+                            vmap_method="sequential")
+    return call(x, w, transpose_w=np.int64(bool(transpose_w)))
+
+
 def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
     """xq int8 [M, K] @ w int8 [K, N] (or [N, K] with transpose_w) -> int32 [M, N], through
     the registered FFI `target` (call use_int8_matmul or load first)."""
-    if xq.dtype != jnp.int8 or w.dtype != jnp.int8 or xq.ndim != 2 or w.ndim != 2:
-        raise ValueError(f"int8_matmul takes 2-D int8 arrays, got {xq.dtype}{list(xq.shape)} "
-                         f"and {w.dtype}{list(w.shape)}")
-    m, k = xq.shape
-    kw, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
-    if kw != k:
-        raise ValueError(f"int8_matmul: x has {k} columns but w contracts {kw}")
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.int32),
-                            vmap_method="sequential")
-    return call(xq, w, transpose_w=np.int64(bool(transpose_w)))
+    return _ffi_matmul(target, xq, w, transpose_w, jnp.int8, jnp.int32, "int8_matmul")
 
 
 def weight_only_matmul(x, w, transpose_w: bool = False, target: str = WEIGHT_ONLY_TARGET):
     """x float32 [M, K] @ float(w), w int8 [K, N] (or [N, K] with transpose_w) -> float32 [M, N]
     (the weight's scale is the caller's), through the registered FFI `target`."""
-    if x.dtype != jnp.float32 or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2:
-        raise ValueError(f"weight_only_matmul takes 2-D float32 x and int8 w, got "
-                         f"{x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    m, k = x.shape
-    kw, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
-    if kw != k:
-        raise ValueError(f"weight_only_matmul: x has {k} columns but w contracts {kw}")
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w, transpose_w=np.int64(bool(transpose_w)))
+    return _ffi_matmul(target, x, w, transpose_w, jnp.float32, jnp.float32,
+                       "weight_only_matmul")

@@ -97,7 +97,7 @@ def test_bad_shapes_name_the_problem():
     x = jnp.zeros((2, 8), jnp.int8)
     with pytest.raises(ValueError, match="x has 8 columns but w contracts 9"):
         cpu_ffi.int8_matmul(x, jnp.zeros((9, 4), jnp.int8))
-    with pytest.raises(ValueError, match="2-D int8"):
+    with pytest.raises(ValueError, match="2-D int8 x and int8 w"):
         cpu_ffi.int8_matmul(x.astype(jnp.float32), jnp.zeros((8, 4), jnp.int8))
     with pytest.raises(ValueError, match="2-D float32 x and int8 w"):
         cpu_ffi.weight_only_matmul(x, jnp.zeros((8, 4), jnp.int8))

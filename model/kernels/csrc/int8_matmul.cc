@@ -28,6 +28,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
@@ -86,33 +87,53 @@ void nk_tile_generic(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, in
 // vpdpbusd multiplies unsigned by signed bytes, so x is shifted to x + 128 (unsigned, xu) and
 // 128 * sum(w) is subtracted: (x + 128) . w - 128 . w = x . w, exactly, in int32.
 
-// [K, N]: 64 columns per tile, four k rows per step. The four rows are interleaved into dwords
-// (one column's four bytes each) with byte and word unpacks, which work within 128-bit lanes:
-// dword 4L + i of q[j] holds column 16L + 4j + i. Up to 4 x rows share each weight load.
+// Four weight rows (k .. k+3, the ones past `rows_left` read as zero) of 64 columns, interleaved
+// into dwords with byte and word unpacks, which work within 128-bit lanes: dword 4L + i of q[j]
+// holds column 16L + 4j + i's four bytes.
+inline void interleave4(const int8_t* base, int64_t N, __mmask64 mask, int64_t rows_left,
+                        __m512i q[4]) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i r0 = _mm512_maskz_loadu_epi8(mask, base);
+  const __m512i r1 = rows_left > 1 ? _mm512_maskz_loadu_epi8(mask, base + N) : zero;
+  const __m512i r2 = rows_left > 2 ? _mm512_maskz_loadu_epi8(mask, base + 2 * N) : zero;
+  const __m512i r3 = rows_left > 3 ? _mm512_maskz_loadu_epi8(mask, base + 3 * N) : zero;
+  const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+  const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+  q[0] = _mm512_unpacklo_epi16(t0, t2);
+  q[1] = _mm512_unpackhi_epi16(t0, t2);
+  q[2] = _mm512_unpacklo_epi16(t1, t3);
+  q[3] = _mm512_unpackhi_epi16(t1, t3);
+}
+
+// acc - corr for one row of a 64-column tile, written back in column order (`width` columns).
+inline void store_tile(const __m512i acc[4], const __m512i corr[4], int32_t* yr, int64_t width) {
+  alignas(64) int32_t buf[4][16];
+  for (int j = 0; j < 4; ++j) _mm512_store_si512(buf[j], _mm512_sub_epi32(acc[j], corr[j]));
+  for (int L = 0; L < 4; ++L)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = 16 * L + 4 * j;
+      if (col + 4 <= width) {
+        std::memcpy(yr + col, &buf[j][4 * L], 16);
+      } else {
+        for (int e = 0; e < 4 && col + e < width; ++e) yr[col + e] = buf[j][4 * L + e];
+      }
+    }
+}
+
+// [K, N]: 64 columns per tile, four k rows per step (interleave4); up to 4 x rows share each
+// weight load.
 void kn_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t width = n1 - n0;
   const __mmask64 mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i zero = _mm512_setzero_si512();
-  alignas(64) int32_t buf[4][16];
   for (int64_t mb = 0; mb < M; mb += 4) {
     const int64_t mc = std::min<int64_t>(4, M - mb);
-    __m512i acc[4][4], corr[4];
-    for (int j = 0; j < 4; ++j) {
-      corr[j] = zero;
-      for (int i = 0; i < 4; ++i) acc[i][j] = zero;
-    }
+    __m512i acc[4][4] = {}, corr[4] = {};  // zeros
     for (int64_t k = 0; k < K; k += 4) {
       const int8_t* base = w + k * N + n0;
-      const __m512i r0 = _mm512_maskz_loadu_epi8(mask, base);
-      const __m512i r1 = k + 1 < K ? _mm512_maskz_loadu_epi8(mask, base + N) : zero;
-      const __m512i r2 = k + 2 < K ? _mm512_maskz_loadu_epi8(mask, base + 2 * N) : zero;
-      const __m512i r3 = k + 3 < K ? _mm512_maskz_loadu_epi8(mask, base + 3 * N) : zero;
-      const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
-      const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
-      const __m512i q[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2),
-                            _mm512_unpacklo_epi16(t1, t3), _mm512_unpackhi_epi16(t1, t3)};
+      __m512i q[4];
+      interleave4(base, N, mask, K - k, q);
       for (int j = 0; j < 4; ++j) corr[j] = _mm512_dpbusd_epi32(corr[j], c128, q[j]);
       for (int64_t i = 0; i < mc; ++i) {
         int32_t xs;
@@ -121,21 +142,7 @@ void kn_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, in
         for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, q[j]);
       }
     }
-    for (int64_t i = 0; i < mc; ++i) {
-      for (int j = 0; j < 4; ++j) _mm512_store_si512(buf[j], _mm512_sub_epi32(acc[i][j], corr[j]));
-      int32_t* yr = y + (mb + i) * N + n0;
-      if (width == 64) {
-        for (int L = 0; L < 4; ++L)
-          for (int j = 0; j < 4; ++j) std::memcpy(yr + 16 * L + 4 * j, &buf[j][4 * L], 16);
-      } else {
-        for (int L = 0; L < 4; ++L)
-          for (int j = 0; j < 4; ++j)
-            for (int e = 0; e < 4; ++e) {
-              const int64_t col = 16 * L + 4 * j + e;
-              if (col < width) yr[col] = buf[j][4 * L + e];
-            }
-      }
-    }
+    for (int64_t i = 0; i < mc; ++i) store_tile(acc[i], corr, y + (mb + i) * N + n0, width);
   }
 }
 
@@ -149,8 +156,10 @@ void kn_range_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, i
   const int64_t per_tile = 4 * (M + 1);  // M rows of 4 accumulators, then 4 corrections
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i zero = _mm512_setzero_si512();
-  std::vector<__m512i> acc(tiles * per_tile, zero);
-  std::vector<__m512i> xb(M);
+  // Stack arrays (a std::vector of __m512i drops its 64-byte alignment): M <= kRangeMaxRows.
+  __m512i acc[kKnRange / 64 * 4 * (kRangeMaxRows + 1)];
+  __m512i xb[kRangeMaxRows];
+  for (int64_t i = 0; i < tiles * per_tile; ++i) acc[i] = zero;
   const int64_t last = n1 - n0 - 64 * (tiles - 1);
   const __mmask64 last_mask = last >= 64 ? ~0ULL : ((1ULL << last) - 1);
   for (int64_t k = 0; k < K; k += 4) {
@@ -167,34 +176,19 @@ void kn_range_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, i
         _mm_prefetch(pf, _MM_HINT_T0); _mm_prefetch(pf + N, _MM_HINT_T0);
         _mm_prefetch(pf + 2 * N, _MM_HINT_T0); _mm_prefetch(pf + 3 * N, _MM_HINT_T0);
       }
-      const __m512i r0 = _mm512_maskz_loadu_epi8(mask, base);
-      const __m512i r1 = k + 1 < K ? _mm512_maskz_loadu_epi8(mask, base + N) : zero;
-      const __m512i r2 = k + 2 < K ? _mm512_maskz_loadu_epi8(mask, base + 2 * N) : zero;
-      const __m512i r3 = k + 3 < K ? _mm512_maskz_loadu_epi8(mask, base + 3 * N) : zero;
-      const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
-      const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
-      const __m512i q[4] = {_mm512_unpacklo_epi16(t0, t2), _mm512_unpackhi_epi16(t0, t2),
-                            _mm512_unpacklo_epi16(t1, t3), _mm512_unpackhi_epi16(t1, t3)};
-      __m512i* a = acc.data() + t * per_tile;
+      __m512i q[4];
+      interleave4(base, N, mask, K - k, q);
+      __m512i* a = acc + t * per_tile;
       for (int j = 0; j < 4; ++j) a[4 * M + j] = _mm512_dpbusd_epi32(a[4 * M + j], c128, q[j]);
       for (int64_t i = 0; i < M; ++i)
         for (int j = 0; j < 4; ++j) a[4 * i + j] = _mm512_dpbusd_epi32(a[4 * i + j], xb[i], q[j]);
     }
   }
-  alignas(64) int32_t buf[4][16];
   for (int64_t t = 0; t < tiles; ++t) {
-    const __m512i* a = acc.data() + t * per_tile;
+    const __m512i* a = acc + t * per_tile;
     const int64_t width = std::min<int64_t>(64, n1 - n0 - 64 * t);
-    for (int64_t i = 0; i < M; ++i) {
-      for (int j = 0; j < 4; ++j) _mm512_store_si512(buf[j], _mm512_sub_epi32(a[4 * i + j], a[4 * M + j]));
-      int32_t* yr = y + i * N + n0 + 64 * t;
-      for (int L = 0; L < 4; ++L)
-        for (int j = 0; j < 4; ++j)
-          for (int e = 0; e < 4; ++e) {
-            const int64_t col = 16 * L + 4 * j + e;
-            if (col < width) yr[col] = buf[j][4 * L + e];
-          }
-    }
+    for (int64_t i = 0; i < M; ++i)
+      store_tile(a + 4 * i, a + 4 * M, y + i * N + n0 + 64 * t, width);
   }
 }
 
@@ -203,16 +197,11 @@ void kn_range_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, i
 void nk_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
                   int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i zero = _mm512_setzero_si512();
   for (int64_t n = n0; n < n1; n += 4) {
     const int64_t nc = std::min<int64_t>(4, n1 - n);
     for (int64_t mb = 0; mb < M; mb += 4) {
       const int64_t mc = std::min<int64_t>(4, M - mb);
-      __m512i acc[4][4], corr[4];
-      for (int j = 0; j < 4; ++j) {
-        corr[j] = zero;
-        for (int i = 0; i < 4; ++i) acc[i][j] = zero;
-      }
+      __m512i acc[4][4] = {}, corr[4] = {};  // zeros
       for (int64_t k = 0; k < K; k += 64) {
         const __mmask64 mask = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1);
         __m512i wv[4];
@@ -260,22 +249,31 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::function<void
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// x [M, K], w [K, N] (or [N, K] with transpose_w), y [M, N]: sets M, K, N or names the problem.
+template <typename Dims>
+ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t transpose_w,
+                     int64_t* M, int64_t* K, int64_t* N) {
+  if (xd.size() != 2 || wd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x and w must be 2-D");
+  }
+  *M = xd[0];
+  *K = xd[1];
+  *N = transpose_w ? wd[0] : wd[1];
+  if ((transpose_w ? wd[1] : wd[0]) != *K) {
+    return ffi::Error::InvalidArgument(name + ": contracting dimensions differ");
+  }
+  if (yd.size() != 2 || yd[0] != *M || yd[1] != *N) {
+    return ffi::Error::InvalidArgument(name + ": output must be [M, N]");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                           ffi::ResultBuffer<ffi::S32> y, int64_t transpose_w) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_int8_matmul: x and w must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1];
-  const int64_t N = transpose_w ? wd[0] : wd[1];
-  if ((transpose_w ? wd[1] : wd[0]) != K) {
-    return ffi::Error::InvalidArgument("xlrt_int8_matmul: contracting dimensions differ");
-  }
-  const auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument("xlrt_int8_matmul: output must be [M, N]");
-  }
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_int8_matmul", x.dimensions(), w.dimensions(),
+                               y->dimensions(), transpose_w, &M, &K, &N);
+  if (error.failure()) return error;
   const int8_t* xp = x.typed_data();
   const int8_t* wp = w.typed_data();
   int32_t* yp = y->typed_data();
@@ -360,7 +358,9 @@ void f32_kn_block_avx512(const float* x, const int8_t* w, float* y, int64_t K, i
     for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
   const int8_t* wr = w + n0;
   for (int64_t k = 0; k < K; ++k, wr += N) {
-    if (k + kPrefetchRows < K) _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * N), _MM_HINT_T0);
+    if (k + kPrefetchRows < K) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * N), _MM_HINT_T0);
+    }
     const __m512i bytes = _mm512_maskz_loadu_epi8(mask, wr);
     __m512 wf[4];
     for (int j = 0; j < 4; ++j)
@@ -421,20 +421,10 @@ void f32_nk_tile(const float* x, const int8_t* w, float* y, int64_t M, int64_t K
 ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
                              int64_t transpose_w) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: x and w must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1];
-  const int64_t N = transpose_w ? wd[0] : wd[1];
-  if ((transpose_w ? wd[1] : wd[0]) != K) {
-    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: contracting dimensions differ");
-  }
-  const auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument("xlrt_f32_int8_matmul: output must be [M, N]");
-  }
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_f32_int8_matmul", x.dimensions(), w.dimensions(),
+                               y->dimensions(), transpose_w, &M, &K, &N);
+  if (error.failure()) return error;
   const float* xp = x.typed_data();
   const int8_t* wp = w.typed_data();
   float* yp = y->typed_data();
