@@ -395,6 +395,52 @@ void f32_kn_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, in
     default: break;
   }
 }
+
+// One row, [K, N]: C chunks of 64 columns (up to kF32Range) with all 4C accumulators in
+// registers, so each k reads C * 64 contiguous weight bytes and touches no accumulator memory.
+template <int C>
+void f32_kn_row_avx512(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                       int64_t n0, int64_t width) {
+  __mmask64 mask[C];
+  for (int c = 0; c < C; ++c) {
+    const int64_t left = width - 64 * c;
+    mask[c] = left >= 64 ? ~0ULL : ((1ULL << left) - 1);
+  }
+  __m512 acc[4 * C] = {};  // zeros
+  const int8_t* wr = w + n0;
+  for (int64_t k = 0; k < K; ++k, wr += N) {
+    if (k + kPrefetchRows < K) {
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * N + 64 * c), _MM_HINT_T0);
+    }
+    const __m512 xv = _mm512_set1_ps(x[k]);
+    for (int c = 0; c < C; ++c) {
+      const __m512i bytes = _mm512_maskz_loadu_epi8(mask[c], wr + 64 * c);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 wf =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, j)));
+        acc[4 * c + j] = _mm512_fmadd_ps(xv, wf, acc[4 * c + j]);
+      }
+    }
+  }
+  for (int i = 0; i < 4 * C; ++i) {
+    const int64_t left = width - 16 * i;
+    if (left <= 0) break;
+    const __mmask16 mi = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    _mm512_mask_storeu_ps(y + n0 + 16 * i, mi, acc[i]);
+  }
+}
+
+void f32_kn_row_tile_avx512(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                            int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  switch ((width + 63) / 64) {
+    case 1: f32_kn_row_avx512<1>(x, w, y, K, N, n0, width); break;
+    case 2: f32_kn_row_avx512<2>(x, w, y, K, N, n0, width); break;
+    case 3: f32_kn_row_avx512<3>(x, w, y, K, N, n0, width); break;
+    default: f32_kn_row_avx512<4>(x, w, y, K, N, n0, width); break;
+  }
+}
 #else
 #define XLRT_AVX512 0
 #endif
@@ -430,7 +476,7 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
   // One row streams best as wide column ranges; more rows reuse each widened weight from
-  // registers (AVX-512) across up to 6 rows.
+  // registers (AVX-512) across up to 6 rows. kF32Range is 4 chunks of 64 columns.
   const bool blocked = XLRT_AVX512 && !transpose_w && M > 1;
   const int64_t tile = transpose_w ? kF32NkTile : blocked ? 64 : kF32Range;
   parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
@@ -438,8 +484,10 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
 #if XLRT_AVX512
     else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
-#endif
+    else f32_kn_row_tile_avx512(xp, wp, yp, K, N, n0, n1);  // M == 1
+#else
     else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
+#endif
   });
   return ffi::Error::Success();
 }
