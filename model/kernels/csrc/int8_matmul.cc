@@ -441,6 +441,30 @@ void f32_kn_row_tile_avx512(const float* x, const int8_t* w, float* y, int64_t K
     default: f32_kn_row_avx512<4>(x, w, y, K, N, n0, width); break;
   }
 }
+
+// [N, K] (the LM head): 4 weight rows at a time, 16 k per step widened to floats, each x row's
+// 16 floats loaded once for the 4 rows; one horizontal sum per output at the end.
+void f32_nk_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
+                        int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nc = std::min<int64_t>(4, n1 - n);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (n + 8) * K), _MM_HINT_T0);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      __m512 acc[4] = {};  // zeros
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, xm + k);
+        for (int64_t j = 0; j < nc; ++j) {
+          const __m128i bytes = _mm_maskz_loadu_epi8(mk, w + (n + j) * K + k);
+          const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+          acc[j] = _mm512_fmadd_ps(xv, wf, acc[j]);
+        }
+      }
+      for (int64_t j = 0; j < nc; ++j) y[m * N + n + j] = _mm512_reduce_add_ps(acc[j]);
+    }
+  }
+}
 #else
 #define XLRT_AVX512 0
 #endif
@@ -481,11 +505,12 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t tile = transpose_w ? kF32NkTile : blocked ? 64 : kF32Range;
   parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
-    if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
 #if XLRT_AVX512
+    if (transpose_w) f32_nk_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_row_tile_avx512(xp, wp, yp, K, N, n0, n1);  // M == 1
 #else
+    if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
 #endif
   });
