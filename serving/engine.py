@@ -182,7 +182,8 @@ class Engine(RequestFrontEnd):
         max_seq_len, page_size, kv_cache_gb or num_pages, max_num_seqs, max_waiting,
         prefill_chunk, max_prefill_seqs, decode_steps, quantization (None; "int8":
         weight-only int8 with per-channel scales; "w8a8": int8 weights and per-row int8
-        activations, int8 x int8 matmuls, see docs/SERVING.md), kv_cache_dtype ("auto": the compute dtype,
+        activations, int8 x int8 matmuls, see docs/SERVING.md; both decode through compiled CPU
+        kernels on CPU, docs/KERNELS.md), kv_cache_dtype ("auto": the compute dtype,
         or "int8": int8 keys/values with a float32 scale per token and kv head, ~3.5-4x the
         pages of a float32 cache for the same kv_cache_gb), scan_layers (False, the default,
         unrolls the layers: faster decode on CPU; True keeps them under nn.scan: faster

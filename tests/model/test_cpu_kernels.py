@@ -197,3 +197,24 @@ def test_falls_back_to_xla_when_it_cannot_build(tmp_path, env):
     x = jnp.asarray(np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64))
     w = jnp.asarray(np.arange(64 * 8).reshape(64, 8) % 255 - 127, jnp.int8)
     np.testing.assert_array_equal(np.asarray(out["y"], np.float32), np.asarray(matmul_2d(x, w)))
+
+
+def test_concurrent_calls_share_the_pool(targets):
+    """Independent kernel calls in one program (XLA may run them at once) and programs run from
+    several Python threads at once all give XLA's results: tiles are claimed once, and a call
+    never waits for pool tasks that have not started."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(3)
+    xs = [jnp.asarray(rng.integers(-127, 128, (1, 576), dtype=np.int8)) for _ in range(4)]
+    ws = [jnp.asarray(rng.integers(-127, 128, (576, 640), dtype=np.int8)) for _ in range(4)]
+
+    @jax.jit
+    def many(xs, ws):
+        return [cpu_ffi.int8_matmul(x, w) for x, w in zip(xs, ws)]
+
+    want = [np.asarray(xla_int8_dot(x, w, False)) for x, w in zip(xs, ws)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: many(xs, ws), range(16)))
+    for got in results:
+        for g, w_ in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), w_)
