@@ -28,7 +28,7 @@ from model.decoder import (Decoder, KVCache, abstract_params, forward,
                            logical_axes)
 from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
-from model.kernels import split_impl
+from model.kernels import cpu_ffi, split_impl
 from model.layers import fuse_projection_loaders
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
@@ -131,6 +131,10 @@ class Engine(RequestFrontEnd):
             raise ConfigError("fuse_projections needs one device (no mesh): a fused q|k|v weight "
                               "mixes axes that tensor parallelism shards separately")
         self.fuse_projections = bool(fuse_projections)
+        # Quantized decode on one CPU device runs the compiled int8 kernels (docs/KERNELS.md):
+        # built and registered now, so executables loaded from an AOT store find them too.
+        self.cpu_kernels = (quantization is not None and mesh is None
+                            and jax.default_backend() == "cpu" and cpu_ffi.load())
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
                              scan_layers=scan_layers, fuse_projections=self.fuse_projections)
@@ -552,6 +556,7 @@ class Engine(RequestFrontEnd):
             "dtype": self.dtype_name, "attention": self.model.attention_impl,
             "quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype,
             "scan_layers": self.model.scan_layers, "fuse_projections": self.fuse_projections,
+            "cpu_kernels": self.cpu_kernels,
             "page_size": self.page_size, "num_pages": self.cache.num_pages,
             "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
             "mesh": None if self.mesh is None else dict(self.mesh.shape),

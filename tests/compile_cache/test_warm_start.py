@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHILD = r"""
@@ -15,7 +17,8 @@ from conftest import tiny_checkpoint
 from serving import Engine
 configure_cache({cache!r})
 eng = Engine(tiny_checkpoint({ckpt!r}), attention="xla", max_seq_len=32, prefill_chunk=16,
-             max_num_seqs=2, max_prefill_seqs=1, num_pages=16, decode_steps=2)
+             max_num_seqs=2, max_prefill_seqs=1, num_pages=16, decode_steps=2,
+             quantization={quant!r})
 buckets = ServingBuckets(prefill_rows=(1,), prefill_lengths=(16,), decode_rows=(2,),
                          page_widths=(2,), stop_width=2)
 before = compile_counts()
@@ -23,13 +26,14 @@ manifest = eng.warmup(eng.compile_plan(buckets, variants=("full",)))
 after = compile_counts()
 tokens = eng.generate([[5, 6, 7]], max_new_tokens=4)[0].token_ids
 print("RESULT " + json.dumps({{"sources": [p["source"] for p in manifest["programs"]],
-    "xla_compiles": after.xla_compiles - before.xla_compiles, "tokens": tokens}}))
+    "xla_compiles": after.xla_compiles - before.xla_compiles, "tokens": tokens,
+    "cpu_kernels": eng.cpu_kernels}}))
 """
 
 
-def _run(tmp_path, cache):
+def _run(tmp_path, cache, quant=None):
     code = CHILD.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=str(cache),
-                        ckpt=str(tmp_path))
+                        ckpt=str(tmp_path), quant=quant)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -38,11 +42,15 @@ def _run(tmp_path, cache):
     return json.loads(line[len("RESULT "):])
 
 
-def test_warm_cache_start_compiles_nothing_new(tmp_path):
+@pytest.mark.parametrize("quant", [None, "w8a8"])
+def test_warm_cache_start_compiles_nothing_new(tmp_path, quant):
+    """w8a8 decode at 2 rows calls the CPU int8 kernel: a stored executable with that custom
+    call loads and runs in a new process (the Engine registers the kernel before any program)."""
     cache = tmp_path / "cache"
-    cold = _run(tmp_path, cache)
+    cold = _run(tmp_path, cache, quant)
+    assert cold["cpu_kernels"] == (quant is not None)
     assert cold["sources"] == ["compiled", "compiled"] and cold["xla_compiles"] >= 2
-    warm = _run(tmp_path, cache)
+    warm = _run(tmp_path, cache, quant)
     # every program is loaded from the executable store (cache hits == programs), and the
     # nothing else is compiled
     assert warm["sources"] == ["aot-store", "aot-store"]
