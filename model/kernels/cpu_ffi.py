@@ -160,7 +160,7 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 
 def status() -> dict:
-    """What the kernels are doing in this process (for bench JSON and bug reports)."""
+    """Whether the kernels loaded in this process, with VNNI, or why not (tests, bug reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"], "error": _state["error"]}
 
 
