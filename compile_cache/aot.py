@@ -29,15 +29,15 @@ from compile_cache.plan import CompilePlan, describe_args
 
 
 def source_digest(paths) -> str:
-    """sha256 (16 hex) of the given files and of every .py and .cc file under the given packages
-    (.cc: the CPU kernels that programs call through the FFI), in sorted order: a program's
-    identity beyond its shapes."""
+    """sha256 (16 hex) of the given files and of every .py, .cc and .h file under the given
+    packages (.cc, .h: the CPU kernels that programs call through the FFI), in sorted order: a
+    program's identity beyond its shapes."""
     h = hashlib.sha256()
     files = []
     for p in paths:
         if os.path.isdir(p):
             for root, _, names in os.walk(p):
-                files += [os.path.join(root, n) for n in names if n.endswith((".py", ".cc"))]
+                files += [os.path.join(root, n) for n in names if n.endswith((".py", ".cc", ".h"))]
         elif os.path.exists(p):
             files.append(p)
     for f in sorted(files):

@@ -72,14 +72,22 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, i
     k_cache, v_cache: the cache stacked over layers [layers, kv_heads, num_pages, page_size,
     head_dim]; `layer` (a traced scalar inside the layer scan) selects the layer. The XLA path
     gathers the needed pages straight from the stacked array (no per-layer copy); decode
-    (<= DECODE_MAX_QUERY_LEN queries per sequence) uses a layout that spares XLA:CPU a
-    transposed copy of the keys (paged_decode_xla).
+    (<= DECODE_MAX_QUERY_LEN queries per sequence) runs the C++ kernel of cpu_ffi where it
+    applies (CPU backend, float32 queries, no mesh, not under cpu_ffi.disabled()), which reads
+    the pages in place, else a layout that spares XLA:CPU a transposed copy of the keys
+    (paged_decode_xla).
     An int8 cache comes with k_scale, v_scale [layers, kv_heads, num_pages, 1, page_size] f32;
     both backends dequantize on read (XLA: the gathered pages; Pallas: each page block in VMEM).
     """
     impl, platform = resolve_impl(impl, platform), split_impl(impl, platform)[1]
     kwargs = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
     if impl == "xla" and q.shape[1] <= DECODE_MAX_QUERY_LEN:
+        from model.kernels import cpu_ffi
+        if cpu_ffi.use_paged_attention(q, k_cache):  # CPU: read the pages in place (C++)
+            return cpu_ffi.paged_decode_attention(
+                q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, k_scale=k_scale,
+                v_scale=v_scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                scale=q.shape[-1] ** -0.5 if scale is None else scale)
         from model.kernels.paged_decode_xla import paged_decode_attention
         return paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens,
                                       k_scale=k_scale, v_scale=v_scale, **kwargs)

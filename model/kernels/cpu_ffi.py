@@ -7,16 +7,21 @@ Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
   rows.
 - `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
   in registers. XLA converts the whole weight to float in memory first.
+
+And decode attention over the paged KV cache (csrc/paged_attention.cc):
+- `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
+  cache, read page by page through the page table with an online softmax, instead of XLA's
+  gather into a dense copy that its matmuls then read again.
 docs/PERFORMANCE.md has the numbers.
 
-The source is compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
+The sources are compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into a cache directory (`$XLRT_KERNEL_CACHE`, else ~/.cache/xlrt/kernels),
 keyed by the source, the compiler, the flags, jaxlib and the CPU's feature flags; later
 processes load the cached library. Without a compiler, or if the build fails, the model keeps
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
-Whether a matmul uses a kernel is decided when its program is traced (`use_int8_matmul`,
-`use_weight_only_matmul`): only on the CPU backend, without a mesh (a custom call is not
+Whether a matmul or attention uses a kernel is decided when its program is traced
+(`use_int8_matmul`, `use_weight_only_matmul`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
 partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
 exported programs carry no custom call), and for at most INT8_MAX_ROWS / WEIGHT_ONLY_MAX_ROWS
 rows; longer matmuls (prefill) are compute-bound GEMMs that XLA already runs well.
@@ -42,9 +47,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc")  # one library
+HEADERS = (CSRC / "parallel.h",)
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
+ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
+# Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
+ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
 # this, XLA's GEMM re-uses each weight load across enough rows (measured crossover in
 # docs/PERFORMANCE.md).
@@ -100,7 +110,7 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C++ compiler ({compiler!r}: {e})") from None
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), compiler, version, " ".join(flags), jax.__version__,
+        *(f.read_text() for f in SOURCES + HEADERS), compiler, version, " ".join(flags), jax.__version__,
         platform.machine(), _cpu_flags()]).encode()).hexdigest()[:20]
     out_dir = cache_dir()
     out = out_dir / f"xlrt_cpu_{key}.so"
@@ -118,10 +128,11 @@ def build(defines: tuple[str, ...] = ()) -> Path:
             return out
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_out = Path(tmp) / out.name
-        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
+        cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+               str(tmp_out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+            raise RuntimeError(f"compiling {', '.join(f.name for f in SOURCES)} failed ({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
         os.replace(tmp_out, out)  # atomic: concurrent builders each install a whole file
     return out
@@ -149,13 +160,15 @@ def load() -> bool:
 
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build the library with `defines` and register its matmuls as the FFI targets TARGET and
-    WEIGHT_ONLY_TARGET, each followed by `suffix`."""
+    """Build the library with `defines` and register its kernels as the FFI targets TARGET,
+    WEIGHT_ONLY_TARGET and ATTENTION_TARGET, each followed by `suffix` (the attention target
+    then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
-    jax.ffi.register_ffi_target(TARGET + suffix, jax.ffi.pycapsule(lib.XlrtInt8Matmul),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(WEIGHT_ONLY_TARGET + suffix,
-                                jax.ffi.pycapsule(lib.XlrtF32Int8Matmul), platform="cpu")
+    for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
+                         (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
+                         (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
+                         (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
 
@@ -194,6 +207,17 @@ def use_weight_only_matmul(rows: int, dtype) -> bool:
     return _usable()
 
 
+def use_paged_attention(q, k_cache) -> bool:
+    """Whether traced attention of queries q [B, T, N, H] against the paged cache k_cache runs
+    the kernel: float32 queries, a float32 or int8 cache, at most ATTENTION_MAX_QUERY_LEN query
+    tokens per sequence (longer prefill chunks are GEMMs that XLA runs well)."""
+    if (_disabled.get() or q.ndim != 4 or q.shape[1] > ATTENTION_MAX_QUERY_LEN
+            or jnp.dtype(q.dtype) != jnp.float32
+            or jnp.dtype(k_cache.dtype) not in (jnp.float32, jnp.int8)):
+        return False
+    return _usable()
+
+
 def _usable() -> bool:
     if jax.default_backend() != "cpu" or _mesh_active():
         return False
@@ -225,3 +249,27 @@ def weight_only_matmul(x, w, transpose_w: bool = False, target: str = WEIGHT_ONL
     (the weight's scale is the caller's), through the registered FFI `target`."""
     return _ffi_matmul(target, x, w, transpose_w, jnp.float32, jnp.float32,
                        "weight_only_matmul")
+
+
+def paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, scale,
+                           sliding_window=None, logit_softcap=None, k_scale=None, v_scale=None,
+                           target: str = ATTENTION_TARGET):
+    """softmax(scale q k^T) v of q float32 [B, T, N, H] against one layer of the paged cache
+    (layout and masking as model.kernels.paged_attention) -> float32 [B, T, N, H], through the
+    registered FFI `target` + "_f32" (float32 cache) or "_int8" (int8 cache with k_scale,
+    v_scale [layers, kv_heads, num_pages, 1, page_size])."""
+    int8 = jnp.dtype(k_cache.dtype) == jnp.int8
+    if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError("paged_decode_attention: an int8 cache needs k_scale and v_scale, a "
+                         "float32 cache neither")
+    if q.dtype != jnp.float32 or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"paged_decode_attention takes float32 q and k, v caches of one dtype, "
+                         f"got {q.dtype}, {k_cache.dtype} and {v_cache.dtype}")
+    scales = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if int8 else ()
+    call = jax.ffi.ffi_call(target + ("_int8" if int8 else "_f32"),
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q, k_cache, v_cache, *scales, jnp.asarray(layer, jnp.int32),
+                page_table.astype(jnp.int32), q_pos.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
+                window=np.int64(sliding_window or 0))

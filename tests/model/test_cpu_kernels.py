@@ -1,7 +1,7 @@
-"""The compiled CPU int8-weight matmuls (model/kernels/cpu_ffi.py): the w8a8 one exact against
-XLA's int8 dot and the weight-only one within float rounding of XLA's, on both code paths (the
-CPU's vector extensions where it has them, the portable loops everywhere); used by the models
-only where they should be, and a clean fallback when they cannot be built."""
+"""The compiled CPU kernels (model/kernels/cpu_ffi.py): the w8a8 matmul exact against XLA's int8
+dot, the weight-only matmul and the paged decode attention within float rounding of XLA's, on
+both code paths (the CPU's vector extensions where it has them, the portable loops everywhere);
+used by the models only where they should be, and a clean fallback when they cannot be built."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.kernels import cpu_ffi
+from model.kernels import cpu_ffi, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERIC = "_generic_test"  # suffix of the portable build's targets
@@ -32,6 +32,11 @@ def targets():
 @pytest.fixture(scope="module")
 def weight_only_targets(targets):
     return [cpu_ffi.WEIGHT_ONLY_TARGET, cpu_ffi.WEIGHT_ONLY_TARGET + GENERIC]
+
+
+@pytest.fixture(scope="module")
+def attention_targets(targets):
+    return [cpu_ffi.ATTENTION_TARGET, cpu_ffi.ATTENTION_TARGET + GENERIC]
 
 
 def xla_int8_dot(x, w, transpose_w):
@@ -218,3 +223,135 @@ def test_concurrent_calls_share_the_pool(targets):
     for got in results:
         for g, w_ in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), w_)
+
+
+def random_paged_case(rng, *, batch, query_len, kv_heads, group, head_dim, page_size, width,
+                      layers=2, int8=False):
+    """Random queries and a random paged cache whose sequences own shuffled pages (page 0 is
+    the allocator's reserved padding page); kv_lens from 0 (an empty slot) to the table."""
+    num_pages = batch * width + 1
+    shape = (layers, kv_heads, num_pages, page_size, head_dim)
+    k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    k_scale = v_scale = None
+    if int8:  # per-token scales [layers, kv_heads, pages, 1, page_size], as the engine keeps them
+        k, k_scale = reference.quantize_int8(k)
+        v, v_scale = reference.quantize_int8(v)
+        k_scale, v_scale = k_scale[..., None, :], v_scale[..., None, :]
+    table = jnp.asarray(1 + rng.permutation(batch * width).reshape(batch, width), jnp.int32)
+    kv_lens = rng.integers(0, width * page_size + 1, batch).astype(np.int32)
+    q_pos = np.maximum(kv_lens[:, None] - query_len + np.arange(query_len)[None], 0)
+    q = jnp.asarray(rng.standard_normal((batch, query_len, kv_heads * group, head_dim),
+                                        dtype=np.float32))
+    return dict(q=q, k_cache=k, v_cache=v, page_table=table, q_pos=jnp.asarray(q_pos, jnp.int32),
+                kv_lens=jnp.asarray(kv_lens), k_scale=k_scale, v_scale=v_scale)
+
+
+def reference_attention(case, layer, **kwargs):
+    pick = (lambda x: None if x is None else x[layer])
+    return reference.paged_attention_reference(
+        case["q"], case["k_cache"][layer], case["v_cache"][layer], case["page_table"],
+        case["q_pos"], case["kv_lens"], k_scale=pick(case["k_scale"]),
+        v_scale=pick(case["v_scale"]), **kwargs)
+
+
+def kernel_attention(case, layer, target=cpu_ffi.ATTENTION_TARGET, **kwargs):
+    fn = jax.jit(lambda c, layer: cpu_ffi.paged_decode_attention(
+        c["q"], c["k_cache"], c["v_cache"], layer, c["page_table"], c["q_pos"], c["kv_lens"],
+        k_scale=c["k_scale"], v_scale=c["v_scale"], target=target,
+        scale=kwargs.get("scale") or c["q"].shape[-1] ** -0.5,
+        sliding_window=kwargs.get("sliding_window"), logit_softcap=kwargs.get("logit_softcap")))
+    return fn(case, layer)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 4), query_len=st.integers(1, 3), kv_heads=st.integers(1, 3),
+       group=st.integers(1, 3), head_dim=st.sampled_from([16, 24, 64, 128]),
+       page_size=st.sampled_from([8, 16]), width=st.integers(1, 40), int8=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 40)),
+       softcap=st.one_of(st.none(), st.just(5.0)), seed=st.integers(0, 2**31 - 1))
+def test_paged_attention_matches_the_reference(attention_targets, batch, query_len, kv_heads,
+                                               group, head_dim, page_size, width, int8, window,
+                                               softcap, seed):
+    """Against the dense reference over gathered pages: float32 and int8 caches, several query
+    tokens, grouped heads, head sizes on and off the vector path (16 * k and 24), both page
+    sizes, tables long enough to be cut into several ranges (40 pages of 8 = 320 tokens),
+    sliding windows, soft-capped logits, and empty slots (kv_len 0: zeros)."""
+    rng = np.random.default_rng(seed)
+    case = random_paged_case(rng, batch=batch, query_len=query_len, kv_heads=kv_heads,
+                             group=group, head_dim=head_dim, page_size=page_size, width=width,
+                             int8=int8)
+    kwargs = dict(sliding_window=window, logit_softcap=softcap)
+    want = np.asarray(reference_attention(case, 1, **kwargs))
+    for target in attention_targets:
+        got = np.asarray(kernel_attention(case, 1, target, **kwargs))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=target)
+
+
+def test_paged_attention_is_batch_invariant(attention_targets):
+    """A sequence gets the same bits alone and in a batch (a long one is cut into ranges by
+    position, never by batch size), so greedy decoding does not depend on the company."""
+    rng = np.random.default_rng(7)
+    case = random_paged_case(rng, batch=6, query_len=1, kv_heads=3, group=3, head_dim=64,
+                             page_size=16, width=70)
+    case["kv_lens"] = jnp.asarray([1100, 5, 700, 1, 1120, 300], jnp.int32)
+    case["q_pos"] = case["kv_lens"][:, None] - 1
+    for target in attention_targets:
+        together = np.asarray(kernel_attention(case, 0, target))
+        for b in range(6):
+            alone = {key: (val if key in ("k_cache", "v_cache", "k_scale", "v_scale")
+                           else val[b:b + 1]) for key, val in case.items()}
+            np.testing.assert_array_equal(np.asarray(kernel_attention(alone, 0, target))[0],
+                                          together[b], err_msg=f"{target} sequence {b}")
+
+
+def test_paged_attention_rejects_bad_pages_and_mismatched_caches(targets):
+    case = random_paged_case(np.random.default_rng(0), batch=2, query_len=1, kv_heads=1,
+                             group=2, head_dim=16, page_size=8, width=3)
+    case["kv_lens"] = jnp.asarray([20, 20], jnp.int32)
+    case["page_table"] = case["page_table"].at[1, 2].set(1000)
+    with pytest.raises(Exception, match="page table entry 1000 outside the cache's 7 pages"):
+        kernel_attention(case, 0).block_until_ready()
+    with pytest.raises(ValueError, match="int8 cache needs k_scale and v_scale"):
+        cpu_ffi.paged_decode_attention(case["q"], case["k_cache"].astype(jnp.int8),
+                                       case["v_cache"].astype(jnp.int8), 0,
+                                       case["page_table"], case["q_pos"], case["kv_lens"],
+                                       scale=0.25)
+
+
+def test_paged_attention_used_only_where_it_should_be(targets):
+    q = jnp.zeros((2, 1, 4, 16), jnp.float32)
+    cache = jnp.zeros((1, 2, 4, 8, 16), jnp.float32)
+    assert cpu_ffi.use_paged_attention(q, cache)
+    assert cpu_ffi.use_paged_attention(q, cache.astype(jnp.int8))  # int8 cache
+    assert not cpu_ffi.use_paged_attention(q.astype(jnp.bfloat16), cache.astype(jnp.bfloat16))
+    long_q = jnp.zeros((2, cpu_ffi.ATTENTION_MAX_QUERY_LEN + 1, 4, 16), jnp.float32)
+    assert not cpu_ffi.use_paged_attention(long_q, cache)  # prefill chunks: XLA's GEMMs
+    with cpu_ffi.disabled():
+        assert not cpu_ffi.use_paged_attention(q, cache)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert not cpu_ffi.use_paged_attention(q, cache)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", pytest.param("int8", marks=pytest.mark.slow)])
+def test_float32_model_decodes_the_same_with_the_attention_kernel(make_tiny_engine, targets,
+                                                                  kv_cache_dtype):
+    """A float32 engine decodes through the kernel (its decode program calls it) and gives the
+    greedy tokens of XLA's attention, alone and batched, with prompts that span several pages."""
+    import functools
+
+    from model.decoder import decode_step
+    prompts = [[5, 17, 99, 3], list(range(1, 60)), [42], list(range(100, 137))]
+    eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
+    args = (eng.params, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32), eng.cache,
+            jnp.ones((1, 4), jnp.int32))
+    assert cpu_ffi.ATTENTION_TARGET in jax.jit(functools.partial(decode_step, eng.model)).lower(
+        *args).as_text()
+    batched = [o.token_ids for o in eng.generate(prompts, max_new_tokens=12)]
+    alone = [eng.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
+    with cpu_ffi.disabled():
+        plain = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
+        assert cpu_ffi.ATTENTION_TARGET not in jax.jit(
+            functools.partial(decode_step, plain.model)).lower(*args).as_text()
+        want = [o.token_ids for o in plain.generate(prompts, max_new_tokens=12)]
+    assert batched == alone == want

@@ -39,11 +39,11 @@
 #define XLRT_VNNI 0
 #endif
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "parallel.h"
 
 namespace {
+
+using xlrt::parallel_for;
 
 constexpr int64_t kKnTile = 64;   // output columns per work item, [K, N] weights
 constexpr int64_t kKnRange = 256;  // columns per work item, [K, N] weights and few rows
@@ -223,31 +223,6 @@ void nk_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, in
   }
 }
 #endif  // XLRT_VNNI
-
-// Runs work(0 .. items-1) on the calling thread and up to `threads - 1` pool tasks.
-void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::function<void(int64_t)>& work) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), items);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < items; ++i) work(i);
-    return;
-  }
-  auto shared = std::make_shared<Shared>();
-  const std::function<void(int64_t)>* fn = &work;
-  auto run = [shared, fn, items]() {
-    for (int64_t i; (i = shared->next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      (*fn)(i);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
-  run();
-  // Only tiles that were taken are outstanding: each is running on some thread right now.
-  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
 
 // x [M, K], w [K, N] (or [N, K] with transpose_w), y [M, N]: sets M, K, N or names the problem.
 template <typename Dims>

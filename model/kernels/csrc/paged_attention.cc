@@ -1,0 +1,500 @@
+// xlrt CPU kernel: decode attention straight from the paged KV cache, called from XLA programs
+// through the FFI.
+//
+// out[b, t, n, :] = softmax_j(scale * q[b, t, n, :] . k_j) v_j over the keys j of sequence b that
+// query t may see (j < kv_lens[b], j <= q_pos[b, t], and within the sliding window if any).
+// Keys and values are read where they lie, page by page through the sequence's page table; the
+// XLA path gathers them into a dense copy first and then reads that copy twice, which made
+// attention about 60% of a float32 decode step at batch 32 (docs/PERFORMANCE.md). Each work item
+// is one (sequence, kv head) pair, or a range of its pages when there are too few pairs to keep
+// the threads busy; it keeps an online softmax (running max, sum and weighted values) per query
+// row, so every key and value byte is read once. Split ranges are merged at the end.
+//
+// Cache layout (model/layers.py write_kv_pages): k, v [layers, kv_heads, num_pages, page_size,
+// head_dim], float32 or int8; an int8 cache has scales [layers, kv_heads, num_pages, 1,
+// page_size] and is dequantized on read (k_j = scale_j * int8_j). Rows without a visible key
+// output zeros, as in model/kernels/reference.py. Float sums run in another order than XLA's:
+// results agree to float rounding, not bits.
+//
+// Plain loops that the compiler vectorizes (-O3 -march=native): one source for every CPU.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
+
+namespace {
+
+using xlrt::parallel_for;
+
+constexpr int64_t kLanes = 16;  // partial sums per dot product: one AVX-512 register
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * static_cast<float>(b[i + j]);
+  float sum = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
+  return sum;
+}
+
+template <typename T>
+inline void axpy(float alpha, const T* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
+}
+
+#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
+#define XLRT_ATTN_AVX512 1
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Lane i of the result = the sum of the 16 lanes of v[i] (a transpose-and-add tree: 15 merges
+// instead of 16 horizontal reductions).
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: the four keys' block sums
+    const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // blocks: [keys 4i.. (b0+b1), (b2+b3), keys 4i+4.. (b0+b1), (b2+b3)]
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#else
+#define XLRT_ATTN_AVX512 0
+#endif
+
+// s[r * PS + i] = q_r . k_i for the R query rows q [R, H] and keys i < n of one page k [PS, H].
+template <typename T>
+void page_scores(const float* q, const T* k, int64_t R, int64_t H, int64_t n, int64_t PS,
+                 float* s) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < R; ++r) s[r * PS + i] = dot(q + r * H, k + i * H, H);
+}
+
+// e[i] = exp(s[i] - m) for i < n; masked scores (-inf) give exactly 0. A polynomial the compiler
+// vectorizes (exp(x) = 2^k * exp(r), |r| <= ln2 / 2, degree-6 Taylor: relative error < 2e-7),
+// where a call to expf per score would not be.
+inline void exp_shifted(const float* s, float m, float* e, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = std::max(s[i] - m, -87.0f);  // s <= m; below -87 exp underflows anyway
+    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    e[i] = s[i] == kNegInf ? 0.0f : p * scale;
+  }
+}
+
+#if XLRT_ATTN_AVX512
+// exp(x) for x <= 0 lanes, the polynomial of exp_shifted; scalef applies 2^k.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// One page of 16 keys for R query rows with head_dim 16 * C, all in registers: the scores of a
+// row come out of one reduce16 tree, masking and exp run on whole vectors, and the row's
+// weighted values accumulate in C registers, stored once per page.
+template <typename T, int C>
+void page_avx512(const float* q, const T* kp, const T* vp, const float* ks, const float* vs,
+                 int64_t R, int64_t n, int64_t base, const int32_t* rpos, int64_t window,
+                 float* m, float* l, float* acc) {
+  constexpr int64_t H = 16 * C;
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                         12, 13, 14, 15));
+  const __m512 kscale = ks ? _mm512_maskz_loadu_ps(valid, ks) : _mm512_set1_ps(1.0f);
+  const __m512 vscale = vs ? _mm512_maskz_loadu_ps(valid, vs) : _mm512_set1_ps(1.0f);
+  __m512 part[16];
+  for (int64_t r = 0; r < R; ++r) {
+    __m512 qc[C];
+    for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(q + r * H + 16 * c);
+    for (int64_t i = 0; i < 16; ++i) {
+      __m512 dot = _mm512_setzero_ps();
+      if (i < n)
+        for (int c = 0; c < C; ++c) dot = _mm512_fmadd_ps(qc[c], load16(kp + i * H + 16 * c), dot);
+      part[i] = dot;
+    }
+    const __m512 sc = _mm512_mul_ps(reduce16(part), kscale);
+    const __m512i qp = _mm512_set1_epi32(rpos[r]);
+    __mmask16 vis = valid & _mm512_cmple_epi32_mask(pos, qp);
+    if (window > 0)
+      vis &= _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, pos),
+                                     _mm512_set1_epi32(static_cast<int32_t>(window)));
+    if (!vis) continue;
+    const float mx = _mm512_mask_reduce_max_ps(vis, sc);
+    const float m_new = std::max(m[r], mx);
+    const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);
+    m[r] = m_new;
+    const __m512 e = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+    l[r] = l[r] * alpha + _mm512_reduce_add_ps(e);
+    alignas(64) float w[16];
+    _mm512_store_ps(w, _mm512_mul_ps(e, vscale));
+    __m512 a[C];
+    const __m512 al = _mm512_set1_ps(alpha);
+    for (int c = 0; c < C; ++c) a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * H + 16 * c), al);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 wi = _mm512_set1_ps(w[i]);
+      for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(wi, load16(vp + i * H + 16 * c), a[c]);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * H + 16 * c, a[c]);
+  }
+}
+
+template <typename T>
+using PageFn = void (*)(const float*, const T*, const T*, const float*, const float*, int64_t,
+                        int64_t, int64_t, const int32_t*, int64_t, float*, float*, float*);
+
+// The register path for this head_dim (a multiple of 16 up to 128, or 256), else null.
+template <typename T>
+PageFn<T> page_fn(int64_t H) {
+  switch (H) {
+    case 16: return page_avx512<T, 1>;
+    case 32: return page_avx512<T, 2>;
+    case 48: return page_avx512<T, 3>;
+    case 64: return page_avx512<T, 4>;
+    case 80: return page_avx512<T, 5>;
+    case 96: return page_avx512<T, 6>;
+    case 112: return page_avx512<T, 7>;
+    case 128: return page_avx512<T, 8>;
+    case 256: return page_avx512<T, 16>;
+    default: return nullptr;
+  }
+}
+#endif
+
+struct Shape {
+  int64_t B, T, N, H;      // queries [B, T, N, H]
+  int64_t L, KVH, P, PS;   // cache [L, KVH, P, PS, H]
+  int64_t W;               // page table [B, W]
+};
+
+struct Args {
+  Shape d;
+  const float* q;
+  const void* k;
+  const void* v;
+  const float* k_scale;  // int8 cache: [L, KVH, P, 1, PS]; null for float
+  const float* v_scale;
+  int64_t layer;
+  const int32_t* page_table;
+  const int32_t* q_pos;
+  const int32_t* kv_lens;
+  float scale, softcap;  // softcap 0: none
+  int64_t window;        // 0: none
+};
+
+// Online softmax over pages [p0, p1) of sequence b for the g * T query rows of kv head kvh:
+// m[R], l[R], acc[R, H] (unnormalized).
+template <typename T>
+void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float* m, float* l,
+            float* acc) {
+  const Shape& d = a.d;
+  const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H, PS = d.PS;
+  std::fill(m, m + R, kNegInf);
+  std::fill(l, l + R, 0.0f);
+  std::fill(acc, acc + R * H, 0.0f);
+  const int32_t* qpos = a.q_pos + b * d.T;
+  int32_t max_pos = -1;
+  for (int64_t t = 0; t < d.T; ++t) max_pos = std::max(max_pos, qpos[t]);
+  // Keys past the page table's width are not part of the call (as in the XLA gather).
+  const int64_t kv_len = std::min<int64_t>({int64_t{a.kv_lens[b]}, int64_t{max_pos} + 1,
+                                            d.W * d.PS});
+  p1 = std::min(p1, (kv_len + PS - 1) / PS);
+  if (kv_len <= 0 || p0 >= p1) return;
+  // Query rows r = gi * T + t, pre-scaled.
+  std::vector<float> qr(R * H), s(R * PS), e(PS);
+  std::vector<int32_t> rpos(R);
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t t = 0; t < d.T; ++t) {
+      const int64_t r = gi * d.T + t;
+      const float* src = a.q + ((b * d.T + t) * d.N + kvh * g + gi) * H;
+      for (int64_t h = 0; h < H; ++h) qr[r * H + h] = src[h] * a.scale;
+      rpos[r] = qpos[t];
+    }
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  const int64_t head = (a.layer * d.KVH + kvh) * d.P;  // first page of this layer and head
+#if XLRT_ATTN_AVX512
+  // Pages of 16 tokens without a logit soft-cap take the register path.
+  const PageFn<T> fast = PS == 16 && a.softcap <= 0.0f ? page_fn<T>(H) : nullptr;
+#endif
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t page = a.page_table[b * d.W + p];
+    const int64_t base = p * PS, n = std::min(PS, kv_len - base);
+    const T* kp = kc + (head + page) * PS * H;
+    const T* vp = vc + (head + page) * PS * H;
+    const float* ks = a.k_scale ? a.k_scale + (head + page) * PS : nullptr;
+    const float* vs = a.v_scale ? a.v_scale + (head + page) * PS : nullptr;
+    if (p + 1 < p1) {  // the next page of this sequence is elsewhere in memory
+      const int64_t next = a.page_table[b * d.W + p + 1];
+      const char* nk = reinterpret_cast<const char*>(kc + (head + next) * PS * H);
+      const char* nv = reinterpret_cast<const char*>(vc + (head + next) * PS * H);
+      for (int64_t off = 0; off < int64_t(PS * H * sizeof(T)); off += 64) {
+        __builtin_prefetch(nk + off);
+        __builtin_prefetch(nv + off);
+      }
+    }
+#if XLRT_ATTN_AVX512
+    if (fast) {
+      fast(qr.data(), kp, vp, ks, vs, R, n, base, rpos.data(), a.window, m, l, acc);
+      continue;
+    }
+#endif
+    page_scores(qr.data(), kp, R, H, n, PS, s.data());
+    if (ks) {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < n; ++i) s[r * PS + i] *= ks[i];
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = &s[r * PS];
+      float mx = kNegInf;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = base + i;
+        float x = sr[i];
+        if (a.softcap > 0.0f) x = a.softcap * std::tanh(x / a.softcap);
+        const bool visible = pos <= rpos[r] && (a.window <= 0 || rpos[r] - pos < a.window);
+        sr[i] = visible ? x : kNegInf;
+        mx = std::max(mx, sr[i]);
+      }
+      if (mx == kNegInf) continue;
+      const float m_new = std::max(m[r], mx);
+      float* ar = acc + r * H;
+      if (m[r] != m_new) {
+        const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);
+        l[r] *= alpha;
+        for (int64_t h = 0; h < H; ++h) ar[h] *= alpha;
+        m[r] = m_new;
+      }
+      exp_shifted(sr, m_new, e.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        if (e[i] == 0.0f) continue;
+        l[r] += e[i];
+        axpy(vs ? e[i] * vs[i] : e[i], vp + i * H, ar, H);
+      }
+    }
+  }
+}
+
+// Keys per work item: a (sequence, kv head) pair's pages are cut into fixed ranges of this many
+// tokens, so that a long sequence keeps both threads busy at batch 1. The ranges depend only on
+// positions, never on the batch, so a sequence gets the same bits alone or batched.
+constexpr int64_t kChunkTokens = 256;
+
+template <typename T>
+ffi::Error Run(ffi::ThreadPool& pool, const Args& a, float* out) {
+  const Shape& d = a.d;
+  const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H;
+  const int64_t pairs = d.B * d.KVH;
+  const int64_t per = std::max<int64_t>(kChunkTokens / d.PS, 1);  // pages per range
+  const int64_t splits = std::max<int64_t>((d.W + per - 1) / per, 1);
+  const int64_t stride = R * (H + 2);  // m, l, acc per item
+  std::vector<float> part(pairs * splits * stride);
+  parallel_for(pool, pairs * splits, [&](int64_t item) {
+    const int64_t pair = item / splits, sp = item % splits;
+    float* m = part.data() + item * stride;
+    attend<T>(a, pair / d.KVH, pair % d.KVH, sp * per, (sp + 1) * per, m, m + R, m + 2 * R);
+  });
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t b = pair / d.KVH, kvh = pair % d.KVH;
+    for (int64_t r = 0; r < R; ++r) {
+      float m_all = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp)
+        m_all = std::max(m_all, part[(pair * splits + sp) * stride + r]);
+      const int64_t gi = r / d.T, t = r % d.T;
+      float* o = out + ((b * d.T + t) * d.N + kvh * g + gi) * H;
+      std::fill(o, o + H, 0.0f);
+      if (m_all == kNegInf) continue;  // no visible key: zeros
+      float l_all = 0.0f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float* base = part.data() + (pair * splits + sp) * stride;
+        if (base[r] == kNegInf) continue;
+        const float w = std::exp(base[r] - m_all);
+        l_all += w * base[R + r];
+        axpy(w, base + 2 * R + r * H, o, H);
+      }
+      const float inv = 1.0f / l_all;
+      for (int64_t h = 0; h < H; ++h) o[h] *= inv;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Dims>
+ffi::Error CheckShapes(const std::string& name, Dims q, Dims k, Dims v, Dims table, Dims qpos,
+                       Dims kv_lens, Dims out, Shape* d) {
+  if (q.size() != 4 || k.size() != 5 || v.size() != 5 || table.size() != 2 ||
+      qpos.size() != 2 || kv_lens.size() != 1 || out.size() != 4) {
+    return ffi::Error::InvalidArgument(
+        name + ": expected q [B, T, N, H], k and v [L, KVH, P, PS, H], page_table [B, W], "
+               "q_pos [B, T], kv_lens [B] and out [B, T, N, H]");
+  }
+  *d = Shape{q[0], q[1], q[2], q[3], k[0], k[1], k[2], k[3], table[1]};
+  for (int i = 0; i < 5; ++i) {
+    if (k[i] != v[i]) return ffi::Error::InvalidArgument(name + ": k and v shapes differ");
+  }
+  if (k[4] != d->H || d->KVH <= 0 || d->N % d->KVH != 0) {
+    return ffi::Error::InvalidArgument(name + ": q heads must be a multiple of kv heads and "
+                                       "head_dim must match the cache");
+  }
+  if (table[0] != d->B || qpos[0] != d->B || qpos[1] != d->T || kv_lens[0] != d->B) {
+    return ffi::Error::InvalidArgument(name + ": batch or query length mismatch");
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (out[i] != q[i]) return ffi::Error::InvalidArgument(name + ": out must be shaped as q");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Validate(const Args& a) {
+  const Shape& d = a.d;
+  if (a.layer < 0 || a.layer >= d.L) {
+    return ffi::Error::InvalidArgument("xlrt_paged_decode_attention: layer out of range");
+  }
+  for (int64_t b = 0; b < d.B; ++b) {
+    const int64_t len = std::min<int64_t>(a.kv_lens[b], d.W * d.PS);
+    for (int64_t p = 0; p * d.PS < len; ++p) {
+      const int32_t page = a.page_table[b * d.W + p];
+      if (page < 0 || page >= d.P) {
+        return ffi::Error::InvalidArgument(
+            "xlrt_paged_decode_attention: page table entry " + std::to_string(page) +
+            " outside the cache's " + std::to_string(d.P) + " pages");
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T, typename KBuf>
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KBuf k, KBuf v,
+                const float* k_scale, const float* v_scale, ffi::Buffer<ffi::S32> layer,
+                ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
+                float softcap, int64_t window) {
+  Args a;
+  ffi::Error error = CheckShapes("xlrt_paged_decode_attention", q.dimensions(),
+                                 k.dimensions(), v.dimensions(), page_table.dimensions(),
+                                 q_pos.dimensions(), kv_lens.dimensions(), out->dimensions(),
+                                 &a.d);
+  if (error.failure()) return error;
+  if (layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument("xlrt_paged_decode_attention: layer must be a scalar");
+  }
+  a.q = q.typed_data();
+  a.k = k.typed_data();
+  a.v = v.typed_data();
+  a.k_scale = k_scale;
+  a.v_scale = v_scale;
+  a.layer = layer.typed_data()[0];
+  a.page_table = page_table.typed_data();
+  a.q_pos = q_pos.typed_data();
+  a.kv_lens = kv_lens.typed_data();
+  a.scale = scale;
+  a.softcap = softcap;
+  a.window = window;
+  error = Validate(a);
+  if (error.failure()) return error;
+  return Run<T>(pool, a, out->typed_data());
+}
+
+ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                   ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                   ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
+                   float softcap, int64_t window) {
+  return Impl<float>(pool, q, k, v, nullptr, nullptr, layer, page_table, q_pos, kv_lens, out,
+                     scale, softcap, window);
+}
+
+ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                    ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale,
+                    ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> layer,
+                    ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                    ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
+                    float softcap, int64_t window) {
+  const auto kd = k.dimensions();
+  const auto sd = k_scale.dimensions();
+  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
+      sd[3] != 1 || sd[4] != kd[3] || v_scale.element_count() != k_scale.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "xlrt_paged_decode_attention: int8 cache scales must be [L, KVH, P, 1, PS]");
+  }
+  return Impl<int8_t>(pool, q, k, v, k_scale.typed_data(), v_scale.typed_data(), layer,
+                      page_table, q_pos, kv_lens, out, scale, softcap, window);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeF32, F32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeInt8, Int8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // k cache
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // v cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v scales
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
