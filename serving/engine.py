@@ -131,10 +131,12 @@ class Engine(RequestFrontEnd):
             raise ConfigError("fuse_projections needs one device (no mesh): a fused q|k|v weight "
                               "mixes axes that tensor parallelism shards separately")
         self.fuse_projections = bool(fuse_projections)
-        # Quantized decode on one CPU device runs the compiled int8 kernels (docs/KERNELS.md):
-        # built and registered now, so executables loaded from an AOT store find them too.
-        self.cpu_kernels = (quantization is not None and mesh is None
-                            and jax.default_backend() == "cpu" and cpu_ffi.load())
+        # Decode on one CPU device runs the compiled kernels (docs/KERNELS.md): the int8 matmuls
+        # of quantized models and the paged attention of float32 ones. Built and registered
+        # now, so executables loaded from an AOT store find them too.
+        self.cpu_kernels = ((quantization is not None or jnp.dtype(self.dtype) == jnp.float32)
+                            and mesh is None and jax.default_backend() == "cpu"
+                            and cpu_ffi.load())
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
                              scan_layers=scan_layers, fuse_projections=self.fuse_projections)

@@ -261,14 +261,20 @@ def test_xla_decode_attention_matches_reference(case):
     _close(got, want, TOL[dtype][0])
 
 
-def test_xla_paged_dispatch_uses_decode_layout_for_short_queries(monkeypatch):
-    """Decode-length queries take paged_decode_xla, prefill-length ones the reference GEMMs; both
-    give the reference's result."""
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_xla_paged_dispatch_uses_decode_layout_for_short_queries(monkeypatch, cpu_kernel):
+    """Decode-length queries take the C++ kernel on CPU (cpu_ffi) or else paged_decode_xla,
+    prefill-length ones the reference GEMMs; all give the reference's result."""
+    import contextlib
+
     import model.kernels.paged_decode_xla as decode_module
+    from model.kernels import cpu_ffi
     calls = []
-    real = decode_module.paged_decode_attention
-    monkeypatch.setattr(decode_module, "paged_decode_attention",
-                        lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    for module, name in ((decode_module, "paged_decode_attention"),
+                         (cpu_ffi, "paged_decode_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, module=module, **kw: calls.append(
+            (module.__name__.rsplit(".", 1)[-1], a[0].shape[1])) or real(*a, **kw))
     for t in (1, kernels.DECODE_MAX_QUERY_LEN, kernels.DECODE_MAX_QUERY_LEN + 1):
         case = paged_case(8 + t, b=2, kvh=2, g=3, h=8, t=t, page_size=4, pages_per_seq=6,
                           kv_lens=[t + 2, 24], dtype="float32", sliding_window=None,
@@ -276,9 +282,11 @@ def test_xla_paged_dispatch_uses_decode_layout_for_short_queries(monkeypatch):
         q = jnp.asarray(case["q"])
         k, v = (jnp.nan_to_num(jnp.asarray(case[name]))[None] for name in ("k_pages", "v_pages"))
         index = [jnp.asarray(case[name]) for name in ("page_table", "q_pos", "kv_lens")]
-        _close(kernels.paged_attention(q, k, v, 0, *index, impl="xla"),
-               paged_attention_reference(q, k[0], v[0], *index), TOL["float32"][0])
-    assert calls == [1, kernels.DECODE_MAX_QUERY_LEN]
+        with contextlib.nullcontext() if cpu_kernel else cpu_ffi.disabled():
+            got = kernels.paged_attention(q, k, v, 0, *index, impl="xla")
+        _close(got, paged_attention_reference(q, k[0], v[0], *index), TOL["float32"][0])
+    path = "cpu_ffi" if cpu_kernel and cpu_ffi.load() else "paged_decode_xla"
+    assert calls == [(path, 1), (path, kernels.DECODE_MAX_QUERY_LEN)]
 
 
 # ---------------------------------------------------------------------------------------------
