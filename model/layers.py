@@ -81,6 +81,10 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
     weight_only float x2 times the int8 values (the weight's scale again the caller's)."""
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
     if w2.dtype != jnp.int8:
+        # Few float32 rows into a narrow output on CPU: split over K (cpu_ffi.f32_gemv).
+        if (not transpose_w and x2.dtype == jnp.float32
+                and cpu_ffi.use_f32_gemv(x2.shape[0], w2.shape[1], w2.dtype)):
+            return cpu_ffi.f32_gemv(x2, w2)
         return jax.lax.dot_general(x2, w2, dims)
     rows = x2.shape[0]
     if weight_only:  # few float32 rows on CPU: widened in registers, not a float copy of w2

@@ -8,6 +8,10 @@ Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
 - `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
   in registers. XLA converts the whole weight to float in memory first.
 
+A float32 GEMV for decode (csrc/f32_gemv.cc):
+- `f32_gemv(x, w)`: up to 4 rows into at most 1024 outputs, split over K so that each thread
+  streams whole weight rows; XLA splits narrow GEMVs over columns and reads them at ~17 GB/s.
+
 And decode attention over the paged KV cache (csrc/paged_attention.cc):
 - `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
   cache, read page by page through the page table with an online softmax, instead of XLA's
@@ -21,7 +25,7 @@ processes load the cached library. Without a compiler, or if the build fails, th
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
-(`use_int8_matmul`, `use_weight_only_matmul`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
+(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
 partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
 exported programs carry no custom call), and for at most INT8_MAX_ROWS / WEIGHT_ONLY_MAX_ROWS
 rows; longer matmuls (prefill) are compute-bound GEMMs that XLA already runs well.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -48,11 +53,17 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc")  # one library
+SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc")
 HEADERS = (CSRC / "parallel.h",)
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
+F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
+# Float32 matmuls with at most this many rows and outputs run the split-K GEMV: at batch 1-4
+# the attention output, MLP down and fused q|k|v projections of SmolLM2 (N = 576, 960); the
+# decode step got 2.2-3.2 ms faster, at 8 rows it lost (docs/PERFORMANCE.md).
+F32_GEMV_MAX_ROWS = 4
+F32_GEMV_MAX_N = 1024
 # Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
 ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
@@ -166,6 +177,7 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
+                         (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
                          (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -205,6 +217,46 @@ def use_weight_only_matmul(rows: int, dtype) -> bool:
     if _disabled.get() or rows > WEIGHT_ONLY_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
         return False
     return _usable()
+
+
+def use_f32_gemv(rows: int, n: int, dtype) -> bool:
+    """Whether a traced float32 matmul of `rows` rows into `n` outputs ([K, N] weights) runs the
+    split-K kernel: up to F32_GEMV_MAX_ROWS rows and F32_GEMV_MAX_N outputs (the narrow GEMVs
+    that XLA splits over columns; wider ones and more rows stay on XLA's dot, which was faster
+    there)."""
+    if (_disabled.get() or rows > F32_GEMV_MAX_ROWS or n > F32_GEMV_MAX_N
+            or jnp.dtype(dtype) != jnp.float32):
+        return False
+    return _usable()
+
+
+def f32_gemv(x, w, target: str = F32_GEMV_TARGET):
+    """x float32 [M, K] @ w float32 [K, N] -> float32 [M, N] (M <= F32_GEMV_MAX_ROWS), summed
+    over fixed blocks of K (csrc/f32_gemv.cc), through the registered FFI `target`."""
+    if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 2 or w.ndim != 2
+            or x.shape[1] != w.shape[0] or x.shape[0] > F32_GEMV_MAX_ROWS):
+        raise ValueError(f"f32_gemv takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w [K, N], "
+                         f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+    return _f32_gemv(target, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _f32_gemv(target, x, w):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+def _f32_gemv_fwd(target, x, w):
+    return _f32_gemv(target, x, w), (x, w)
+
+
+def _f32_gemv_bwd(target, res, g):  # gradients through XLA's dots (a few-row step under grad)
+    x, w = res
+    return g @ w.T, x.T @ g
+
+
+_f32_gemv.defvjp(_f32_gemv_fwd, _f32_gemv_bwd)
 
 
 def use_paged_attention(q, k_cache) -> bool:

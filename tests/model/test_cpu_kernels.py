@@ -334,10 +334,11 @@ def test_paged_attention_used_only_where_it_should_be(targets):
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", pytest.param("int8", marks=pytest.mark.slow)])
-def test_float32_model_decodes_the_same_with_the_attention_kernel(make_tiny_engine, targets,
-                                                                  kv_cache_dtype):
-    """A float32 engine decodes through the kernel (its decode program calls it) and gives the
-    greedy tokens of XLA's attention, alone and batched, with prompts that span several pages."""
+def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targets,
+                                                         kv_cache_dtype):
+    """A float32 engine decodes through the attention kernel and the split-K GEMV (its decode
+    program calls both) and gives the greedy tokens of XLA's ops, alone and batched, with
+    prompts that span several pages."""
     import functools
 
     from model.decoder import decode_step
@@ -345,13 +346,51 @@ def test_float32_model_decodes_the_same_with_the_attention_kernel(make_tiny_engi
     eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
     args = (eng.params, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32), eng.cache,
             jnp.ones((1, 4), jnp.int32))
-    assert cpu_ffi.ATTENTION_TARGET in jax.jit(functools.partial(decode_step, eng.model)).lower(
-        *args).as_text()
+    hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
+    assert cpu_ffi.ATTENTION_TARGET in hlo and cpu_ffi.F32_GEMV_TARGET in hlo
     batched = [o.token_ids for o in eng.generate(prompts, max_new_tokens=12)]
     alone = [eng.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
     with cpu_ffi.disabled():
         plain = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
-        assert cpu_ffi.ATTENTION_TARGET not in jax.jit(
-            functools.partial(decode_step, plain.model)).lower(*args).as_text()
+        hlo = jax.jit(functools.partial(decode_step, plain.model)).lower(*args).as_text()
+        assert cpu_ffi.ATTENTION_TARGET not in hlo and cpu_ffi.F32_GEMV_TARGET not in hlo
         want = [o.token_ids for o in plain.generate(prompts, max_new_tokens=12)]
     assert batched == alone == want
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, cpu_ffi.F32_GEMV_MAX_ROWS), k=st.integers(1, 300),
+       n=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_f32_gemv_matches_xla(targets, m, k, n, seed):
+    """The split-K float32 GEMV: XLA's dot to float rounding, for K not a multiple of the
+    64-row blocks or of the 4-row passes, on both builds."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
+    want = np.asarray(jnp.dot(x, w, precision="highest"))
+    bound = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)) + 1)
+    for target in (cpu_ffi.F32_GEMV_TARGET, cpu_ffi.F32_GEMV_TARGET + GENERIC):
+        got = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemv(x, w, t))(x, w))
+        assert np.all(np.abs(got - want) <= bound), target
+
+
+def test_f32_gemv_use_gradient_and_errors(targets):
+    assert cpu_ffi.use_f32_gemv(cpu_ffi.F32_GEMV_MAX_ROWS, cpu_ffi.F32_GEMV_MAX_N, jnp.float32)
+    assert not cpu_ffi.use_f32_gemv(cpu_ffi.F32_GEMV_MAX_ROWS + 1, 576, jnp.float32)
+    assert not cpu_ffi.use_f32_gemv(1, cpu_ffi.F32_GEMV_MAX_N + 1, jnp.float32)  # wide: XLA
+    assert not cpu_ffi.use_f32_gemv(1, 576, jnp.bfloat16)
+    with cpu_ffi.disabled():
+        assert not cpu_ffi.use_f32_gemv(1, 576, jnp.float32)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert not cpu_ffi.use_f32_gemv(1, 576, jnp.float32)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 96), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((96, 40), dtype=np.float32))
+    # A few-row step under jax.grad (a custom VJP: the backward pass is XLA's dots).
+    got = jax.grad(lambda x, w: (cpu_ffi.f32_gemv(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: (jnp.dot(x, w, precision="highest") ** 2).sum(),
+                    argnums=(0, 1))(x, w)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"float32 x \[M <= 4, K\] and w \[K, N\]"):
+        cpu_ffi.f32_gemv(jnp.zeros((5, 96), jnp.float32), w)

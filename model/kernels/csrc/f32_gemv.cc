@@ -1,0 +1,98 @@
+// xlrt CPU kernel: float32 matrix-vector products of decode, y[M, N] = x[M, K] @ w[K, N] for one
+// or two rows, called from XLA programs through the FFI.
+//
+// At batch 1 a decode step streams every weight once, so its speed is the rate at which the
+// matmuls read memory. XLA:CPU splits a GEMV over output columns: for the layers whose output is
+// narrow (the attention output and MLP down projections, N = d_model) each thread then reads a
+// slice of every weight row, and those GEMVs ran at about 17 GB/s where wide ones reach 24-27
+// (docs/PERFORMANCE.md). This kernel splits over K instead: each work item streams a contiguous
+// block of whole weight rows into a partial sum of all N outputs (in L1), and the partial sums
+// are added in a fixed order at the end, so the result does not depend on which thread ran what.
+// Float sums run in another order than XLA's: results agree to float rounding, not bits.
+//
+// Plain loops that the compiler vectorizes (-O3 -march=native): one source for every CPU.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+
+namespace {
+
+using xlrt::parallel_for;
+
+constexpr int64_t kRowsPerItem = 64;  // weight rows (k) per work item
+constexpr int64_t kMaxRows = 4;       // x rows handled per call
+
+// part[m, :] = sum over k in [k0, k1) of x[m, k] * w[k, :], four weight rows per pass.
+void accumulate(const float* x, const float* w, float* part, int64_t M, int64_t K, int64_t N,
+                int64_t k0, int64_t k1) {
+  std::fill(part, part + M * N, 0.0f);
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const float* w0 = w + k * N;
+    const float* w1 = w0 + N;
+    const float* w2 = w1 + N;
+    const float* w3 = w2 + N;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K + k;
+      const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
+      float* p = part + m * N;
+      for (int64_t j = 0; j < N; ++j) p[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+    }
+  }
+  for (; k < k1; ++k) {
+    const float* wk = w + k * N;
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = x[m * K + k];
+      float* p = part + m * N;
+      for (int64_t j = 0; j < N; ++j) p[j] += a * wk[j];
+    }
+  }
+}
+
+ffi::Error F32GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument("xlrt_f32_gemv: x, w and y must be 2-D");
+  }
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (wd[0] != K || yd[0] != M || yd[1] != N) {
+    return ffi::Error::InvalidArgument("xlrt_f32_gemv: expected x [M, K], w [K, N], y [M, N]");
+  }
+  if (M > kMaxRows) {
+    return ffi::Error::InvalidArgument("xlrt_f32_gemv: at most " + std::to_string(kMaxRows) +
+                                       " rows");
+  }
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const int64_t items = std::max<int64_t>((K + kRowsPerItem - 1) / kRowsPerItem, 1);
+  std::vector<float> part(items * M * N);
+  parallel_for(pool, items, [&](int64_t i) {
+    const int64_t k0 = i * kRowsPerItem, k1 = std::min(K, k0 + kRowsPerItem);
+    accumulate(xp, wp, part.data() + i * M * N, M, K, N, k0, k1);
+  });
+  std::memcpy(yp, part.data(), M * N * sizeof(float));
+  for (int64_t i = 1; i < items; ++i) {
+    const float* p = part.data() + i * M * N;
+    for (int64_t j = 0; j < M * N; ++j) yp[j] += p[j];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Gemv, F32GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
