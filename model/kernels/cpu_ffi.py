@@ -9,8 +9,9 @@ Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
   in registers. XLA converts the whole weight to float in memory first.
 
 A float32 GEMV for decode (csrc/f32_gemv.cc):
-- `f32_gemv(x, w)`: up to 4 rows into at most 1024 outputs, split over K so that each thread
-  streams whole weight rows; XLA splits narrow GEMVs over columns and reads them at ~17 GB/s.
+- `f32_gemv(x, w)`: one row into at most 1024 outputs, or 2-4 rows into at most 4096, split
+  over K so that each thread streams whole weight rows; XLA splits narrow GEMVs over columns
+  and reads them at ~17 GB/s.
 
 And decode attention over the paged KV cache (csrc/paged_attention.cc):
 - `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
@@ -59,11 +60,14 @@ TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
-# Float32 matmuls with at most this many rows and outputs run the split-K GEMV: at batch 1-4
-# the attention output, MLP down and fused q|k|v projections of SmolLM2 (N = 576, 960); the
-# decode step got 2.2-3.2 ms faster, at 8 rows it lost (docs/PERFORMANCE.md).
+# Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
+# most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
+# 960), 2-4 rows into at most F32_GEMV_WIDE_MAX_N (gate|up too, N = 3072). Same-run A/B of the
+# decode step (docs/PERFORMANCE.md): faster in each of these cases; slower for one row into
+# 3072 outputs and for 8 rows, which keep XLA's dot.
 F32_GEMV_MAX_ROWS = 4
 F32_GEMV_MAX_N = 1024
+F32_GEMV_WIDE_MAX_N = 4096
 # Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
 ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
@@ -221,10 +225,9 @@ def use_weight_only_matmul(rows: int, dtype) -> bool:
 
 def use_f32_gemv(rows: int, n: int, dtype) -> bool:
     """Whether a traced float32 matmul of `rows` rows into `n` outputs ([K, N] weights) runs the
-    split-K kernel: up to F32_GEMV_MAX_ROWS rows and F32_GEMV_MAX_N outputs (the narrow GEMVs
-    that XLA splits over columns; wider ones and more rows stay on XLA's dot, which was faster
-    there)."""
-    if (_disabled.get() or rows > F32_GEMV_MAX_ROWS or n > F32_GEMV_MAX_N
+    split-K kernel (see F32_GEMV_MAX_ROWS; elsewhere XLA's dot was as fast or faster)."""
+    limit = F32_GEMV_MAX_N if rows <= 1 else F32_GEMV_WIDE_MAX_N
+    if (_disabled.get() or rows > F32_GEMV_MAX_ROWS or n > limit
             or jnp.dtype(dtype) != jnp.float32):
         return False
     return _usable()

@@ -360,10 +360,11 @@ def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targe
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, cpu_ffi.F32_GEMV_MAX_ROWS), k=st.integers(1, 300),
-       n=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+       n=st.one_of(st.integers(1, 200), st.integers(1000, 2600)), seed=st.integers(0, 2**31 - 1))
 def test_f32_gemv_matches_xla(targets, m, k, n, seed):
     """The split-K float32 GEMV: XLA's dot to float rounding, for K not a multiple of the
-    64-row blocks or of the 4-row passes, on both builds."""
+    64-row blocks or of the 4-row passes and N over one or several 1024-column ranges, on both
+    builds."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
@@ -378,6 +379,8 @@ def test_f32_gemv_use_gradient_and_errors(targets):
     assert cpu_ffi.use_f32_gemv(cpu_ffi.F32_GEMV_MAX_ROWS, cpu_ffi.F32_GEMV_MAX_N, jnp.float32)
     assert not cpu_ffi.use_f32_gemv(cpu_ffi.F32_GEMV_MAX_ROWS + 1, 576, jnp.float32)
     assert not cpu_ffi.use_f32_gemv(1, cpu_ffi.F32_GEMV_MAX_N + 1, jnp.float32)  # wide: XLA
+    assert cpu_ffi.use_f32_gemv(2, cpu_ffi.F32_GEMV_WIDE_MAX_N, jnp.float32)  # unless 2-4 rows
+    assert not cpu_ffi.use_f32_gemv(2, cpu_ffi.F32_GEMV_WIDE_MAX_N + 1, jnp.float32)
     assert not cpu_ffi.use_f32_gemv(1, 576, jnp.bfloat16)
     with cpu_ffi.disabled():
         assert not cpu_ffi.use_f32_gemv(1, 576, jnp.float32)
