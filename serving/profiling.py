@@ -67,7 +67,8 @@ def scope_of(op_name: str) -> tuple[int | None, str]:
         return int(m.group(1)), "residual+proj" if part == "add" else part
     if "/Decoder/" in op_name:
         rest = op_name.split("/Decoder/", 1)[1]
-        if "->BTV" in rest or rest.startswith(("lm_head", "dot_general")):  # the only top-level matmul
+        # The only top-level matmul (an XLA dot, or a CPU kernel's ffi_call for a small head).
+        if "->BTV" in rest or rest.startswith(("lm_head", "dot_general", "ffi_call")):
             return None, "lm_head"
         if "take" in rest or "gather" in rest:
             return None, "embedding"
