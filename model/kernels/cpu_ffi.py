@@ -26,7 +26,8 @@ processes load the cached library. Without a compiler, or if the build fails, th
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
-(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
+(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_paged_attention`): only on
+the CPU backend, without a mesh (a custom call is not
 partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
 exported programs carry no custom call), and for at most INT8_MAX_ROWS / WEIGHT_ONLY_MAX_ROWS
 rows; longer matmuls (prefill) are compute-bound GEMMs that XLA already runs well.
@@ -125,7 +126,8 @@ def build(defines: tuple[str, ...] = ()) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C++ compiler ({compiler!r}: {e})") from None
     key = hashlib.sha256("\0".join([
-        *(f.read_text() for f in SOURCES + HEADERS), compiler, version, " ".join(flags), jax.__version__,
+        *(f.read_text() for f in SOURCES + HEADERS), compiler, version, " ".join(flags),
+        jax.__version__,
         platform.machine(), _cpu_flags()]).encode()).hexdigest()[:20]
     out_dir = cache_dir()
     out = out_dir / f"xlrt_cpu_{key}.so"
@@ -147,7 +149,8 @@ def build(defines: tuple[str, ...] = ()) -> Path:
                str(tmp_out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {', '.join(f.name for f in SOURCES)} failed ({' '.join(cmd)}):\n"
+            raise RuntimeError(f"compiling {', '.join(f.name for f in SOURCES)} failed "
+                               f"({' '.join(cmd)}):\n"
                                f"{proc.stderr[-2000:]}")
         os.replace(tmp_out, out)  # atomic: concurrent builders each install a whole file
     return out
@@ -176,8 +179,8 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    WEIGHT_ONLY_TARGET and ATTENTION_TARGET, each followed by `suffix` (the attention target
-    then by "_f32" and "_int8", one per cache dtype)."""
+    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET and ATTENTION_TARGET, each followed by `suffix` (the
+    attention target then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
