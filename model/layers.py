@@ -85,6 +85,10 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
         if (not transpose_w and x2.dtype == jnp.float32
                 and cpu_ffi.use_f32_gemv(x2.shape[0], w2.shape[1], w2.dtype)):
             return cpu_ffi.f32_gemv(x2, w2)
+        # A decode batch of float32 rows on CPU: register-blocked (cpu_ffi.f32_gemm).
+        if (not transpose_w and x2.dtype == jnp.float32
+                and cpu_ffi.use_f32_gemm(x2.shape[0], w2.dtype)):
+            return cpu_ffi.f32_gemm(x2, w2)
         return jax.lax.dot_general(x2, w2, dims)
     rows = x2.shape[0]
     if weight_only:  # few float32 rows on CPU: widened in registers, not a float copy of w2

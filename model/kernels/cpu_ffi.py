@@ -8,10 +8,12 @@ Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
 - `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
   in registers. XLA converts the whole weight to float in memory first.
 
-A float32 GEMV for decode (csrc/f32_gemv.cc):
+Float32 matmuls for decode (csrc/f32_gemv.cc, csrc/f32_gemm.cc):
 - `f32_gemv(x, w)`: one row into at most 1024 outputs, or 2-4 rows into at most 4096, split
   over K so that each thread streams whole weight rows; XLA splits narrow GEMVs over columns
   and reads them at ~17 GB/s.
+- `f32_gemm(x, w)`: decode batches of 9-64 rows, 8 x 48 output blocks in AVX-512 registers
+  over packed weight chunks, each row summed in one fixed order (batch-invariant bits).
 
 And decode attention over the paged KV cache (csrc/paged_attention.cc):
 - `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
@@ -26,11 +28,12 @@ processes load the cached library. Without a compiler, or if the build fails, th
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
-(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_paged_attention`): only on
-the CPU backend, without a mesh (a custom call is not
+(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_f32_gemm`,
+`use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
 partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
-exported programs carry no custom call), and for at most INT8_MAX_ROWS / WEIGHT_ONLY_MAX_ROWS
-rows; longer matmuls (prefill) are compute-bound GEMMs that XLA already runs well.
+exported programs carry no custom call), and for the row counts of decode (INT8_MAX_ROWS,
+WEIGHT_ONLY_MAX_ROWS, F32_GEMM_MAX_ROWS...); longer matmuls (prefill) are compute-bound GEMMs
+that XLA already runs well.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc")
+SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc",
+           CSRC / "f32_gemm.cc")
 HEADERS = (CSRC / "parallel.h",)
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
+F32_GEMM_TARGET = "xlrt_f32_gemm"  # float32 x float32, register-blocked (batched decode)
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
 # Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
@@ -69,6 +74,12 @@ ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cac
 F32_GEMV_MAX_ROWS = 4
 F32_GEMV_MAX_N = 1024
 F32_GEMV_WIDE_MAX_N = 4096
+# Float32 matmuls with [K, N] weights and F32_GEMM_MIN_ROWS to F32_GEMM_MAX_ROWS rows (decode
+# batches of 16 to 64 sequences; prefill chunks of more rows keep XLA's dot) run the
+# register-blocked GEMM. Same-run A/B of the decode step (docs/PERFORMANCE.md): a few percent
+# faster at 16 and 32 rows, slower at 2-8 (those keep the GEMV or XLA's dot).
+F32_GEMM_MIN_ROWS = 9
+F32_GEMM_MAX_ROWS = 64
 # Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
 ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
@@ -179,12 +190,13 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET and ATTENTION_TARGET, each followed by `suffix` (the
-    attention target then by "_f32" and "_int8", one per cache dtype)."""
+    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET and ATTENTION_TARGET, each followed by
+    `suffix` (the attention target then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
                          (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
+                         (F32_GEMM_TARGET + suffix, lib.XlrtF32Gemm),
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
                          (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -236,6 +248,15 @@ def use_f32_gemv(rows: int, n: int, dtype) -> bool:
     return _usable()
 
 
+def use_f32_gemm(rows: int, dtype) -> bool:
+    """Whether a traced float32 matmul of `rows` rows with [K, N] weights runs the
+    register-blocked GEMM: F32_GEMM_MIN_ROWS to F32_GEMM_MAX_ROWS rows (batched decode)."""
+    if (_disabled.get() or not F32_GEMM_MIN_ROWS <= rows <= F32_GEMM_MAX_ROWS
+            or jnp.dtype(dtype) != jnp.float32):
+        return False
+    return _usable()
+
+
 def f32_gemv(x, w, target: str = F32_GEMV_TARGET):
     """x float32 [M, K] @ w float32 [K, N] -> float32 [M, N] (M <= F32_GEMV_MAX_ROWS), summed
     over fixed blocks of K (csrc/f32_gemv.cc), through the registered FFI `target`."""
@@ -263,6 +284,33 @@ def _f32_gemv_bwd(target, res, g):  # gradients through XLA's dots (a few-row st
 
 
 _f32_gemv.defvjp(_f32_gemv_fwd, _f32_gemv_bwd)
+
+
+def f32_gemm(x, w, target: str = F32_GEMM_TARGET):
+    """x float32 [M, K] @ w float32 [K, N] -> float32 [M, N], register-blocked
+    (csrc/f32_gemm.cc), through the registered FFI `target`."""
+    if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 2 or w.ndim != 2
+            or x.shape[1] != w.shape[0]):
+        raise ValueError(f"f32_gemm takes float32 x [M, K] and w [K, N], "
+                         f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+    return _f32_gemm(target, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _f32_gemm(target, x, w):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+def _f32_gemm_fwd(target, x, w):
+    return _f32_gemm(target, x, w), (x, w)
+
+
+_f32_gemm_bwd = _f32_gemv_bwd  # the same gradients, through XLA's dots
+
+
+_f32_gemm.defvjp(_f32_gemm_fwd, _f32_gemm_bwd)
 
 
 def use_paged_attention(q, k_cache) -> bool:

@@ -397,3 +397,74 @@ def test_f32_gemv_use_gradient_and_errors(targets):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"float32 x \[M <= 4, K\] and w \[K, N\]"):
         cpu_ffi.f32_gemv(jnp.zeros((5, 96), jnp.float32), w)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 200),
+       seed=st.integers(0, 2**31 - 1))
+def test_f32_gemm_matches_xla(targets, m, k, n, seed):
+    """The register-blocked float32 GEMM: XLA's dot to float rounding for row counts that are
+    not multiples of the 8-row blocks, K across the 128-row chunks and N across ragged 48-column
+    tiles, on both builds."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
+    want = np.asarray(jnp.dot(x, w, precision="highest"))
+    bound = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)) + 1)
+    for target in (cpu_ffi.F32_GEMM_TARGET, cpu_ffi.F32_GEMM_TARGET + GENERIC):
+        got = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x, w))
+        assert np.all(np.abs(got - want) <= bound), target
+
+
+def test_f32_gemm_is_batch_invariant_and_selected_where_it_should_be(targets):
+    """A row gets the same bits whatever the batch and its place in it; the selection rules,
+    the gradient and a clear error for bad shapes."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((32, 576), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((576, 960), dtype=np.float32))
+    for target in (cpu_ffi.F32_GEMM_TARGET, cpu_ffi.F32_GEMM_TARGET + GENERIC):
+        full = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x, w))
+        part = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x[21:30], w))
+        np.testing.assert_array_equal(part, full[21:30])
+    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MIN_ROWS, jnp.float32)
+    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MAX_ROWS, jnp.float32)
+    assert not cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MIN_ROWS - 1, jnp.float32)  # GEMV or XLA
+    assert not cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MAX_ROWS + 1, jnp.float32)  # prefill: XLA
+    assert not cpu_ffi.use_f32_gemm(16, jnp.bfloat16)
+    with cpu_ffi.disabled():
+        assert not cpu_ffi.use_f32_gemm(16, jnp.float32)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert not cpu_ffi.use_f32_gemm(16, jnp.float32)
+    xs, ws = x[:12, :96], w[:96, :40]
+    got = jax.grad(lambda x, w: (cpu_ffi.f32_gemm(x, w) ** 2).sum(), argnums=(0, 1))(xs, ws)
+    want = jax.grad(lambda x, w: (jnp.dot(x, w, precision="highest") ** 2).sum(),
+                    argnums=(0, 1))(xs, ws)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"f32_gemm takes float32 x \[M, K\] and w \[K, N\]"):
+        cpu_ffi.f32_gemm(xs, w)
+
+
+def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine, targets):
+    import functools
+
+    from model.decoder import decode_step
+    eng = make_tiny_engine(page_size=8)
+    for rows, called in ((16, True), (8, False)):
+        args = (eng.params, jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
+                eng.cache, jnp.ones((rows, 4), jnp.int32))
+        hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
+        assert (cpu_ffi.F32_GEMM_TARGET in hlo) == called, rows
+
+
+@pytest.mark.slow
+def test_float32_batch_of_sixteen_decodes_the_same_with_the_gemm(make_tiny_engine, targets):
+    """Twelve sequences decode in the 16-row batch bucket, whose program calls the GEMM: the
+    same greedy tokens as with XLA's ops."""
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 5 * i)] for i in range(12)]
+    batched = [o.token_ids for o in make_tiny_engine(page_size=8).generate(
+        prompts, max_new_tokens=8)]
+    with cpu_ffi.disabled():
+        want = [o.token_ids for o in make_tiny_engine(page_size=8).generate(
+            prompts, max_new_tokens=8)]
+    assert batched == want
