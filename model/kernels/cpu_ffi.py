@@ -12,7 +12,7 @@ Float32 matmuls for decode (csrc/f32_gemv.cc, csrc/f32_gemm.cc):
 - `f32_gemv(x, w)`: one row into at most 1024 outputs, or 2-4 rows into at most 4096, split
   over K so that each thread streams whole weight rows; XLA splits narrow GEMVs over columns
   and reads them at ~17 GB/s.
-- `f32_gemm(x, w)`: decode batches of 9-64 rows, 8 x 48 output blocks in AVX-512 registers
+- `f32_gemm(x, w)`: decode batches of 9-32 rows, 8 x 48 output blocks in AVX-512 registers
   over packed weight chunks, each row summed in one fixed order (batch-invariant bits).
 
 And decode attention over the paged KV cache (csrc/paged_attention.cc):
@@ -75,11 +75,11 @@ F32_GEMV_MAX_ROWS = 4
 F32_GEMV_MAX_N = 1024
 F32_GEMV_WIDE_MAX_N = 4096
 # Float32 matmuls with [K, N] weights and F32_GEMM_MIN_ROWS to F32_GEMM_MAX_ROWS rows (decode
-# batches of 16 to 64 sequences; prefill chunks of more rows keep XLA's dot) run the
-# register-blocked GEMM. Same-run A/B of the decode step (docs/PERFORMANCE.md): a few percent
-# faster at 16 and 32 rows, slower at 2-8 (those keep the GEMV or XLA's dot).
+# batches of 16 and 32 sequences; longer prefill chunks keep XLA's dot) run the register-blocked
+# GEMM. Same-run A/B of the decode step (docs/PERFORMANCE.md): a few percent faster at 16 and 32
+# rows, slower at 2-8 (those keep the GEMV or XLA's dot); more rows were not measured.
 F32_GEMM_MIN_ROWS = 9
-F32_GEMM_MAX_ROWS = 64
+F32_GEMM_MAX_ROWS = 32
 # Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
 ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
