@@ -42,7 +42,7 @@ def _run(tmp_path, cache, quant=None):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("quant", [None, "w8a8"])
+@pytest.mark.parametrize("quant", [None, pytest.param("w8a8", marks=pytest.mark.slow)])
 def test_warm_cache_start_compiles_nothing_new(tmp_path, quant):
     """Decode programs call the CPU kernels (the paged attention in float32, and the int8
     matmul too at 2 rows of w8a8): stored executables with those custom calls load and run in

@@ -44,7 +44,9 @@ def _tokens(cfg, b, t, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)), jnp.int32)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# The default run covers GQA and a sliding window with tied embeddings; -m slow the other three.
+@pytest.mark.parametrize("name", [n if n in ("gqa", "window_tied") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in sorted(VARIANTS)])
 def test_prefill_then_decode_equals_forward(name):
     cfg = VARIANTS[name]
     model, params = _model_and_params(cfg)
@@ -114,6 +116,7 @@ def test_logical_axes_cover_every_parameter():
     assert axes["layers"]["attn"]["k_bias"] == ("layers", "kv_heads", "head_dim")
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
     cfg = TINY
     tokens = _tokens(cfg, 2, 8)

@@ -127,7 +127,7 @@ def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs
         make_tiny_engine(**kwargs)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers, tmp_path):
     """fuse_projections (the default for float weights on one device) loads q|k|v and gate|up as
     one weight each; logits match the separate weights and greedy tokens are the same."""
@@ -152,7 +152,7 @@ def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers,
     np.testing.assert_allclose(a.score(prompts[1]), b.score(prompts[1]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+@pytest.mark.parametrize("quantization", [pytest.param("int8", marks=pytest.mark.slow), "w8a8"])
 def test_fused_projections_keep_quantized_logits(make_tiny_engine, quantization):
     """Quantized weights fuse too (the default on one device): each output column keeps its own
     scale, so fused and separate weights give the same logits and tokens."""
