@@ -264,26 +264,27 @@ def f32_gemv(x, w, target: str = F32_GEMV_TARGET):
             or x.shape[1] != w.shape[0] or x.shape[0] > F32_GEMV_MAX_ROWS):
         raise ValueError(f"f32_gemv takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w [K, N], "
                          f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    return _f32_gemv(target, x, w)
+    return _f32_matmul(target, x, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _f32_gemv(target, x, w):
+def _f32_matmul(target, x, w):
+    """The float32 FFI matmul `target` (GEMV or GEMM), x [M, K] @ w [K, N]."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
                             vmap_method="sequential")
     return call(x, w)
 
 
-def _f32_gemv_fwd(target, x, w):
-    return _f32_gemv(target, x, w), (x, w)
+def _f32_matmul_fwd(target, x, w):
+    return _f32_matmul(target, x, w), (x, w)
 
 
-def _f32_gemv_bwd(target, res, g):  # gradients through XLA's dots (a few-row step under grad)
+def _f32_matmul_bwd(target, res, g):  # gradients through XLA's dots (a decode step under grad)
     x, w = res
     return g @ w.T, x.T @ g
 
 
-_f32_gemv.defvjp(_f32_gemv_fwd, _f32_gemv_bwd)
+_f32_matmul.defvjp(_f32_matmul_fwd, _f32_matmul_bwd)
 
 
 def f32_gemm(x, w, target: str = F32_GEMM_TARGET):
@@ -293,24 +294,7 @@ def f32_gemm(x, w, target: str = F32_GEMM_TARGET):
             or x.shape[1] != w.shape[0]):
         raise ValueError(f"f32_gemm takes float32 x [M, K] and w [K, N], "
                          f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    return _f32_gemm(target, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _f32_gemm(target, x, w):
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w)
-
-
-def _f32_gemm_fwd(target, x, w):
-    return _f32_gemm(target, x, w), (x, w)
-
-
-_f32_gemm_bwd = _f32_gemv_bwd  # the same gradients, through XLA's dots
-
-
-_f32_gemm.defvjp(_f32_gemm_fwd, _f32_gemm_bwd)
+    return _f32_matmul(target, x, w)
 
 
 def use_paged_attention(q, k_cache) -> bool:
