@@ -1,7 +1,7 @@
 // xlrt CPU kernel: float32 matrix products of batched decode, y[M, N] = x[M, K] @ w[K, N] for
 // decode batches (any number of rows), called from XLA programs through the FFI.
 //
-// With 8-64 sequences in a decode batch each weight is reused across the rows, and a float32 step
+// With 16-32 sequences in a decode batch each weight is reused across the rows, and a float32 step
 // is bound by multiply-adds more than by memory. This kernel keeps a block of 8 rows x 48 columns
 // of the output in 24 AVX-512 registers; for each k it loads three vectors of the weight row and
 // multiplies them by 8 broadcast activations: 24 FMAs per 11 loads. Work items are 48-column
@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
 #include <immintrin.h>

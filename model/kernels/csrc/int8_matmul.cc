@@ -442,11 +442,14 @@ void f32_nk_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, in
         __m512 xv[4];
         for (int i = 0; i < 4; ++i) {
           const int64_t l = left - 16 * i;
-          const __mmask16 mi = l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
+          const __mmask16 mi =
+              l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
           xv[i] = _mm512_maskz_loadu_ps(mi, xm + k + 16 * i);
         }
         for (int j = 0; j < 4; ++j) {
-          if (m == 0 && ahead) _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 8 * K + k), _MM_HINT_T0);
+          if (m == 0 && ahead) {
+            _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 8 * K + k), _MM_HINT_T0);
+          }
           const __m512i bytes = _mm512_maskz_loadu_epi8(mb, rows[j] + k);
           for (int i = 0; i < 4; ++i) {
             const __m512 wf =
