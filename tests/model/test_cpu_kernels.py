@@ -19,6 +19,7 @@ from model.kernels import cpu_ffi, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERIC = "_generic_test"  # suffix of the portable build's targets
+AVX2 = "_avx2_test"  # suffix of the AVX2 build's targets (on AVX-512 CPUs)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,27 @@ def targets():
 
 
 @pytest.fixture(scope="module")
-def weight_only_targets(targets):
-    return [cpu_ffi.WEIGHT_ONLY_TARGET, cpu_ffi.WEIGHT_ONLY_TARGET + GENERIC]
+def avx2_build(targets):
+    """Whether the AVX2 paths need a build of their own: the CPU has AVX2 but the default build
+    runs AVX-512 (where the CPU has only AVX2, the default build is the AVX2 one)."""
+    flags = cpu_ffi._cpu_flags().split()
+    if "avx2" in flags and "fma" in flags and "avx512f" in flags:
+        cpu_ffi.register(AVX2, defines=("XLRT_FORCE_AVX2",))
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def gemm_targets(avx2_build):
+    """The float32 GEMM of the default build, the portable one and the AVX2 one."""
+    names = [cpu_ffi.F32_GEMM_TARGET, cpu_ffi.F32_GEMM_TARGET + GENERIC]
+    return names + [cpu_ffi.F32_GEMM_TARGET + AVX2] * avx2_build
+
+
+@pytest.fixture(scope="module")
+def weight_only_targets(avx2_build):
+    names = [cpu_ffi.WEIGHT_ONLY_TARGET, cpu_ffi.WEIGHT_ONLY_TARGET + GENERIC]
+    return names + [cpu_ffi.WEIGHT_ONLY_TARGET + AVX2] * avx2_build
 
 
 @pytest.fixture(scope="module")
@@ -402,32 +422,41 @@ def test_f32_gemv_use_gradient_and_errors(targets):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 200),
        seed=st.integers(0, 2**31 - 1))
-def test_f32_gemm_matches_xla(targets, m, k, n, seed):
+def test_f32_gemm_matches_xla(gemm_targets, m, k, n, seed):
     """The register-blocked float32 GEMM: XLA's dot to float rounding for row counts that are
-    not multiples of the 8-row blocks, K across the 128-row chunks and N across ragged 48-column
-    tiles, on both builds."""
+    not multiples of the row blocks (8 with AVX-512, 4 with AVX2), K across the chunks (128 and
+    256 rows) and N across ragged tiles (48 and 24 columns), on every build."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32))
     want = np.asarray(jnp.dot(x, w, precision="highest"))
     bound = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)) + 1)
-    for target in (cpu_ffi.F32_GEMM_TARGET, cpu_ffi.F32_GEMM_TARGET + GENERIC):
+    for target in gemm_targets:
         got = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x, w))
         assert np.all(np.abs(got - want) <= bound), target
 
 
-def test_f32_gemm_is_batch_invariant_and_selected_where_it_should_be(targets):
-    """A row gets the same bits whatever the batch and its place in it; the selection rules,
-    the gradient and a clear error for bad shapes."""
+def test_f32_gemm_is_batch_invariant_and_selected_where_it_should_be(gemm_targets):
+    """A row gets the same bits whatever the batch and its place in it (and, since FMA rounds
+    once, on every vector build); the selection rules (vector builds only), the gradient and a
+    clear error for bad shapes."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((32, 576), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((576, 960), dtype=np.float32))
-    for target in (cpu_ffi.F32_GEMM_TARGET, cpu_ffi.F32_GEMM_TARGET + GENERIC):
+    fulls = {}
+    for target in gemm_targets:
         full = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x, w))
         part = np.asarray(jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemm(x, w, t))(x[21:30], w))
         np.testing.assert_array_equal(part, full[21:30])
-    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MIN_ROWS, jnp.float32)
-    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MAX_ROWS, jnp.float32)
+        fulls[target] = full
+    if cpu_ffi.F32_GEMM_TARGET + AVX2 in fulls:
+        np.testing.assert_array_equal(fulls[cpu_ffi.F32_GEMM_TARGET + AVX2],
+                                      fulls[cpu_ffi.F32_GEMM_TARGET])
+    simd = cpu_ffi.status()["gemm_simd"]
+    flags = cpu_ffi._cpu_flags().split()
+    assert simd == ("avx512f" in flags or ("avx2" in flags and "fma" in flags))
+    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MIN_ROWS, jnp.float32) == simd
+    assert cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MAX_ROWS, jnp.float32) == simd
     assert not cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MIN_ROWS - 1, jnp.float32)  # GEMV or XLA
     assert not cpu_ffi.use_f32_gemm(cpu_ffi.F32_GEMM_MAX_ROWS + 1, jnp.float32)  # prefill: XLA
     assert not cpu_ffi.use_f32_gemm(16, jnp.bfloat16)
@@ -450,7 +479,7 @@ def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine,
 
     from model.decoder import decode_step
     eng = make_tiny_engine(page_size=8)
-    for rows, called in ((16, True), (8, False)):
+    for rows, called in ((16, cpu_ffi.status()["gemm_simd"]), (8, False)):
         args = (eng.params, jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
                 eng.cache, jnp.ones((rows, 4), jnp.int32))
         hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()

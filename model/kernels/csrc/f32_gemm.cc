@@ -18,11 +18,19 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
+// XLRT_FORCE_GENERIC builds the portable loops, XLRT_FORCE_AVX2 the AVX2 path on an AVX-512 CPU
+// (the tests build both).
+#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #include <immintrin.h>
 #define XLRT_GEMM_AVX512 1
+#define XLRT_GEMM_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(XLRT_FORCE_GENERIC)
+#include "gemm_avx2.h"
+#define XLRT_GEMM_AVX512 0
+#define XLRT_GEMM_AVX2 1
 #else
 #define XLRT_GEMM_AVX512 0
+#define XLRT_GEMM_AVX2 0
 #endif
 
 #include "parallel.h"
@@ -31,9 +39,13 @@ namespace {
 
 using xlrt::parallel_for;
 
+#if XLRT_GEMM_AVX2
+constexpr int64_t kTileCols = xlrt::avx2::kTileCols;  // 24: output columns per work item
+#else
 constexpr int64_t kTileCols = 48;   // output columns per work item (3 vectors)
 constexpr int64_t kChunk = 128;     // weight rows per pass over the row blocks (24 KB, in L1)
 constexpr int64_t kRowBlock = 8;    // x rows per register block
+#endif
 
 #if XLRT_GEMM_AVX512
 
@@ -120,6 +132,32 @@ void kn_tile(const float* x, const float* w, float* y, int64_t M, int64_t K, int
   }
 }
 
+#elif XLRT_GEMM_AVX2
+
+// As the AVX-512 kn_tile with 8-float vectors (gemm_avx2.h): 4 rows x 24 columns in registers.
+void kn_tile(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t n0, int64_t width) {
+  using namespace xlrt::avx2;
+  alignas(32) float packed[kChunk * kTileCols];
+  const __m256i m0k = tail_mask(width), m1k = tail_mask(width - 8), m2k = tail_mask(width - 16);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* wk = w + k * N + n0;
+      if (k + kChunk < K) {
+        const char* next = reinterpret_cast<const char*>(wk + kChunk * N);
+        _mm_prefetch(next, _MM_HINT_T0);
+        _mm_prefetch(next + 64, _MM_HINT_T0);
+      }
+      float* pk = packed + (k - k0) * kTileCols;
+      _mm256_store_ps(pk, _mm256_maskload_ps(wk, m0k));
+      _mm256_store_ps(pk + 8, _mm256_maskload_ps(wk + 8, m1k));
+      _mm256_store_ps(pk + 16, _mm256_maskload_ps(wk + 16, m2k));
+    }
+    rows_times_chunk(x, packed, y, M, K, N, n0, width, k0, k1);
+  }
+}
+
 #else  // portable loops
 
 void kn_tile(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
@@ -165,6 +203,10 @@ ffi::Error F32GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 }  // namespace
+
+// Which path this build runs: 2 AVX-512, 1 AVX2, 0 portable loops (cpu_ffi uses the kernel only
+// with vectors; the portable loops are slower than XLA's dot).
+extern "C" int xlrt_f32_gemm_path() { return XLRT_GEMM_AVX512 ? 2 : XLRT_GEMM_AVX2 ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Gemm, F32GemmImpl,
                               ffi::Ffi::Bind()

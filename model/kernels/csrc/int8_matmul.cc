@@ -31,8 +31,10 @@
 #include <string>
 #include <vector>
 
+// The tests also build the portable paths (XLRT_FORCE_GENERIC) and, on AVX-512 CPUs, the AVX2
+// ones (XLRT_FORCE_AVX2).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
-    !defined(XLRT_FORCE_GENERIC)  // the tests build the portable path this way too
+    !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #include <immintrin.h>
 #define XLRT_VNNI 1
 #else
@@ -40,6 +42,14 @@
 #endif
 
 #include "parallel.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(XLRT_FORCE_GENERIC) && \
+    (!defined(__AVX512F__) || defined(XLRT_FORCE_AVX2))
+#include "gemm_avx2.h"
+#define XLRT_WO_AVX2 1
+#else
+#define XLRT_WO_AVX2 0
+#endif
 
 namespace {
 
@@ -295,6 +305,9 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
 // sums run in a different order than XLA's dot: results agree to float rounding, not bits.
 
 constexpr int64_t kF32Range = 256;  // [K, N]: columns per work item
+constexpr int64_t kRowRangeAvx2 = 96;  // [K, N], few rows, AVX2: columns per work item (12 x 8)
+constexpr int64_t kRowsAvx2 = 4;  // [K, N], AVX2: up to this many rows stream the weight once
+constexpr int64_t kBlockTileAvx2 = 24;  // [K, N], several rows, AVX2: xlrt::avx2::kTileCols
 constexpr int64_t kF32NkTile = 64;  // [N, K]: weight rows per work item
 constexpr int64_t kLanes = 16;      // partial sums per dot product, one vector register
 
@@ -325,7 +338,7 @@ void f32_kn_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t 
     std::memcpy(y + m * N + n0, acc.data() + m * width, width * sizeof(float));
 }
 
-#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
+#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #define XLRT_AVX512 1
 // [K, N] with AVX-512: 64 columns x MB rows of float accumulators in registers; each k widens
 // 64 weight bytes once (4 x 16 floats) and feeds MB rows of FMAs.
@@ -466,6 +479,166 @@ void f32_nk_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, in
 #define XLRT_AVX512 0
 #endif
 
+#if XLRT_WO_AVX2
+// [K, N], several rows, AVX2: each chunk of kChunk weight rows of a 24-column tile is widened to
+// float once into a packed buffer (in L1), then every block of 4 rows multiplies it from
+// registers (gemm_avx2.h). Widening per row block, as the AVX-512 path does with 6 rows, would
+// repeat the conversions M / 4 times with half the registers.
+void f32_kn_tile_avx2(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                      int64_t n0, int64_t n1) {
+  using namespace xlrt::avx2;
+  static_assert(kTileCols == kBlockTileAvx2, "work items are one packed tile wide");
+  alignas(32) float packed[kChunk * kTileCols];
+  const int64_t width = n1 - n0;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int8_t* wk = w + k * N + n0;
+      if (k + kPrefetchRows < K) {
+        _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchRows * N), _MM_HINT_T0);
+      }
+      float* pk = packed + (k - k0) * kTileCols;
+      if (width == kTileCols) {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wk));
+        const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wk + 16));
+        _mm256_store_ps(pk, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+        _mm256_store_ps(pk + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+        _mm256_store_ps(pk + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+      } else {
+        for (int64_t j = 0; j < kTileCols; ++j) pk[j] = j < width ? float(wk[j]) : 0.0f;
+      }
+    }
+    rows_times_chunk(x, packed, y, M, K, N, n0, width, k0, k1);
+  }
+}
+// 8 weight bytes widened to 8 floats.
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// R rows (1-4), [K, N], AVX2: V vectors of 8 columns (R * V <= 12) accumulate in registers for
+// each row; each k reads 8V contiguous weight bytes, widens them once for the R rows and
+// prefetches the same bytes kPrefetchRows rows ahead. Columns past the last whole vector (ragged
+// N) are summed by a scalar loop, in the same k order.
+template <int R, int V>
+void f32_kn_rows_avx2(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                      int64_t n0, int64_t width) {
+  __m256 acc[R][V > 0 ? V : 1];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 12
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+  }
+  const int8_t* wr = w + n0;
+  for (int64_t k = 0; k < K; ++k, wr += N) {
+    if (k + kPrefetchRows < K) {
+      for (int c = 0; c < 8 * V; c += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * N + c), _MM_HINT_T0);
+      }
+    }
+#pragma GCC unroll 12
+    for (int v = 0; v < V; ++v) {
+      const __m256 wv = widen8(wr + 8 * v);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc[r][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + k), wv, acc[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 12
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + r * N + n0 + 8 * v, acc[r][v]);
+    for (int64_t j = 8 * V; j < width; ++j) {
+      float a = 0.0f;
+      for (int64_t k = 0; k < K; ++k) a += x[r * K + k] * static_cast<float>(w[k * N + n0 + j]);
+      y[r * N + n0 + j] = a;
+    }
+  }
+}
+
+// Columns n0 .. n1 (at most kRowRangeAvx2) of up to kRowsAvx2 rows: one pass over the weight
+// range for all the rows, as many vectors as the rows leave registers for.
+void f32_kn_rows_tile_avx2(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
+                           int64_t N, int64_t n0, int64_t n1) {
+  using Fn = void (*)(const float*, const int8_t*, float*, int64_t, int64_t, int64_t, int64_t);
+  // [rows - 1][vectors]: 12 vectors for one row, 6 for two, 4 for three, 3 for four.
+  constexpr Fn kFns[4][13] = {
+      {f32_kn_rows_avx2<1, 0>, f32_kn_rows_avx2<1, 1>, f32_kn_rows_avx2<1, 2>,
+       f32_kn_rows_avx2<1, 3>, f32_kn_rows_avx2<1, 4>, f32_kn_rows_avx2<1, 5>,
+       f32_kn_rows_avx2<1, 6>, f32_kn_rows_avx2<1, 7>, f32_kn_rows_avx2<1, 8>,
+       f32_kn_rows_avx2<1, 9>, f32_kn_rows_avx2<1, 10>, f32_kn_rows_avx2<1, 11>,
+       f32_kn_rows_avx2<1, 12>},
+      {f32_kn_rows_avx2<2, 0>, f32_kn_rows_avx2<2, 1>, f32_kn_rows_avx2<2, 2>,
+       f32_kn_rows_avx2<2, 3>, f32_kn_rows_avx2<2, 4>, f32_kn_rows_avx2<2, 5>,
+       f32_kn_rows_avx2<2, 6>},
+      {f32_kn_rows_avx2<3, 0>, f32_kn_rows_avx2<3, 1>, f32_kn_rows_avx2<3, 2>,
+       f32_kn_rows_avx2<3, 3>, f32_kn_rows_avx2<3, 4>},
+      {f32_kn_rows_avx2<4, 0>, f32_kn_rows_avx2<4, 1>, f32_kn_rows_avx2<4, 2>,
+       f32_kn_rows_avx2<4, 3>}};
+  const int64_t vectors = 12 / M;  // per sub-range
+  for (int64_t c0 = n0; c0 < n1; c0 += 8 * vectors) {
+    const int64_t width = std::min(n1, c0 + 8 * vectors) - c0;
+    kFns[M - 1][width / 8](x, w, y, K, N, c0, width);
+  }
+}
+
+// [N, K] (the LM head), AVX2: the tile's rows are contiguous, so it is read as one stream, row
+// after row, 32 k per step, widened once for a block of up to 4 x rows (one accumulator each);
+// 2 KiB ahead of the stream is prefetched.
+template <int MC>
+void f32_nk_rows_avx2(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                      int64_t n0, int64_t n1) {
+  const int64_t kv = K / 32 * 32;
+  const int8_t* end = w + N * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m256 acc[MC][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 32) {
+      if (row + k + 2048 < end) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + 2048), _MM_HINT_T0);
+      }
+      __m256 wv[4];
+      for (int i = 0; i < 4; ++i) wv[i] = widen8(row + k + 8 * i);
+#pragma GCC unroll 4
+      for (int m = 0; m < MC; ++m) {
+        const float* xm = x + m * K + k;
+        for (int i = 0; i < 4; ++i) {
+          acc[m][i & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8 * i), wv[i], acc[m][i & 1]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; ++m) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, _mm256_add_ps(acc[m][0], acc[m][1]));
+      float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                  ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      for (int64_t k = kv; k < K; ++k) sum += x[m * K + k] * static_cast<float>(row[k]);
+      y[m * N + n] = sum;
+    }
+  }
+}
+
+void f32_nk_tile_avx2(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                      int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; m += 4) {
+    float* ym = y + m * N;
+    const float* xm = x + m * K;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: f32_nk_rows_avx2<1>(xm, w, ym, K, N, n0, n1); break;
+      case 2: f32_nk_rows_avx2<2>(xm, w, ym, K, N, n0, n1); break;
+      case 3: f32_nk_rows_avx2<3>(xm, w, ym, K, N, n0, n1); break;
+      default: f32_nk_rows_avx2<4>(xm, w, ym, K, N, n0, n1); break;
+    }
+  }
+}
+
+#endif  // XLRT_WO_AVX2
+
 void f32_nk_tile(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
                  int64_t n0, int64_t n1) {
   const int64_t kv = K / kLanes * kLanes;
@@ -498,14 +671,21 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (M == 0 || N == 0) return ffi::Error::Success();
   // One row streams best as wide column ranges; more rows reuse each widened weight from
   // registers (AVX-512) across up to 6 rows. kF32Range is 4 chunks of 64 columns.
-  const bool blocked = XLRT_AVX512 && !transpose_w && M > 1;
-  const int64_t tile = transpose_w ? kF32NkTile : blocked ? 64 : kF32Range;
+  // AVX2: up to kRowsAvx2 rows share one pass over a column range, more use packed tiles.
+  const bool blocked = !transpose_w && (XLRT_AVX512 ? M > 1 : XLRT_WO_AVX2 && M > kRowsAvx2);
+  const int64_t tile = transpose_w ? kF32NkTile
+                       : blocked   ? (XLRT_AVX512 ? 64 : kBlockTileAvx2)
+                       : XLRT_WO_AVX2 ? kRowRangeAvx2 : kF32Range;
   parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
 #if XLRT_AVX512
     if (transpose_w) f32_nk_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_row_tile_avx512(xp, wp, yp, K, N, n0, n1);  // M == 1
+#elif XLRT_WO_AVX2
+    if (transpose_w) f32_nk_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
+    else if (blocked) f32_kn_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
+    else f32_kn_rows_tile_avx2(xp, wp, yp, M, K, N, n0, n1);  // M <= kRowsAvx2
 #else
     if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);

@@ -56,7 +56,7 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
-#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC)
+#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #define XLRT_ATTN_AVX512 1
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const int8_t* p) {
