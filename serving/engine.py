@@ -32,7 +32,6 @@ from model.kernels import cpu_ffi, split_impl
 from model.layers import fuse_projection_loaders
 from model.quantize import int8_loaders
 from model.registry import load_checkpoint
-from serving import hugepages
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
@@ -157,13 +156,6 @@ class Engine(RequestFrontEnd):
                                    progress=bar.update if bar else None)
         if bar:
             bar.close()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "decode_calls": 0,
-                      "prefill_calls": 0, "huge_page_bytes": 0}
-        # Weights in 2 MiB pages stream faster at decode (serving/hugepages.py); CPU, one device.
-        self._huge_pages = None
-        if mesh is None and jax.default_backend() == "cpu" and hugepages.enabled():
-            self._huge_pages = hugepages.back_in_background(
-                self.params, lambda n: self.stats.__setitem__("huge_page_bytes", n))
         eos = set(getattr(self.tokenizer, "eos_ids", ()) or ())
         if self.config.eos_id is not None:
             eos.add(self.config.eos_id)
@@ -184,6 +176,8 @@ class Engine(RequestFrontEnd):
         self._programs: dict = {}
         self._lock = threading.RLock()
         self._request_counter = 0
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "decode_calls": 0,
+                      "prefill_calls": 0}
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m-instruct", **kwargs) -> "Engine":
