@@ -180,7 +180,7 @@ def load() -> bool:
         try:
             lib = register()
             _state["vnni"] = bool(lib.xlrt_int8_matmul_vnni())
-            _state["gemm_simd"] = lib.xlrt_f32_gemm_path() > 0
+            _state["gemm_simd"] = lib.xlrt_f32_gemm_path() == 2
             _state["lib"] = lib
         except Exception as e:  # any failure leaves XLA's dot in place
             _state["error"] = str(e)
@@ -205,8 +205,8 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 
 def status() -> dict:
-    """Whether the kernels loaded in this process, with VNNI, with a vectorized float32 GEMM
-    (AVX-512 or AVX2), or why not (tests, bug reports)."""
+    """Whether the kernels loaded in this process, with VNNI, with the float32 GEMM in use
+    (AVX-512), or why not (tests, bug reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"],
             "gemm_simd": _state["gemm_simd"], "error": _state["error"]}
 
@@ -257,7 +257,8 @@ def use_f32_gemm(rows: int, dtype) -> bool:
     if (_disabled.get() or not F32_GEMM_MIN_ROWS <= rows <= F32_GEMM_MAX_ROWS
             or jnp.dtype(dtype) != jnp.float32):
         return False
-    # Only with AVX-512 or AVX2: its portable loops ran 2-5x slower than XLA's dot.
+    # Only with AVX-512: its portable loops ran 2-5x slower than XLA's dot, and its AVX2 path
+    # 9% slower at 16 rows and even at 32 in a same-machine engine A/B (docs/PERFORMANCE.md).
     return _usable() and _state["gemm_simd"]
 
 
