@@ -45,7 +45,8 @@ WEIGHT_QUANT = ("none", "int8", "w8a8")
 W8A8_MIN_ROWS = 2
 
 
-def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8: bool = False):
+def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8: bool = False,
+           nk: bool = False):
     """A matmul weight, cast for compute, and its per-channel scale (None unless quantized).
 
     With module.weight_quant "int8" or "w8a8" the parameter is stored as int8 with a float32 scale
@@ -54,13 +55,20 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     that only reach matmul_2d or a row gather) returns the int8 array itself, so matmul_2d runs
     the int8 x int8 dot (w8a8) or widens the weight where it multiplies (weight-only, with
     `weight_only=True`); MoE experts (grouped matmuls) keep the float cast.
+    `nk=True` (int8 only) stores the weight with its output dims first ([N, K] for the matmul:
+    each output channel's weights contiguous); pass the same `nk` to `linear`. `shape`, `axes`
+    and `scale_dims` always describe the [K, N] layout of the float weight.
     """
     if module.weight_quant == "none":
         w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
         return w.astype(compute_dtype), None
+    scale_shape = tuple(shape[i] for i in scale_dims)
+    scale_axes = tuple(axes[i] for i in scale_dims)
+    if nk:
+        order = list(scale_dims) + [i for i in range(len(shape)) if i not in scale_dims]
+        shape, axes = tuple(shape[i] for i in order), tuple(axes[i] for i in order)
     w = param_with_axes(module, name, nn.initializers.zeros, shape, axes, jnp.int8)
-    scale = param_with_axes(module, name + "_scale", nn.initializers.ones,
-                            tuple(shape[i] for i in scale_dims), tuple(axes[i] for i in scale_dims),
+    scale = param_with_axes(module, name + "_scale", nn.initializers.ones, scale_shape, scale_axes,
                             jnp.float32)
     if raw_int8:  # the int8 array, for matmul_2d (w8a8 or weight-only) or a row gather
         return w, scale.astype(compute_dtype)
@@ -105,8 +113,9 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
     return (y.astype(jnp.float32) * xs).astype(x2.dtype)
 
 
-def linear(x, w, contract: int = 1, weight_only: bool = False):
-    """Contract the last `contract` dims of x with the first `contract` dims of w.
+def linear(x, w, contract: int = 1, weight_only: bool = False, nk: bool = False):
+    """Contract the last `contract` dims of x with the first `contract` dims of w (with nk, an
+    int8 weight stored output dims first by `weight(..., nk=True)`: its last `contract` dims).
 
     Written as one 2-D matmul on flattened views: XLA:CPU runs [M, K] x [K, N] as a fast GEMV/GEMM
     but lowers multi-dimensional einsums ("BTD,DNH->BTNH") with extra layout work (measured 1.8x
@@ -116,8 +125,13 @@ def linear(x, w, contract: int = 1, weight_only: bool = False):
     k = 1
     for d in cdims:
         k *= d
-    out_dims = w.shape[contract:]
-    y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1), weight_only=weight_only)
+    if nk:
+        out_dims = w.shape[:w.ndim - contract]
+        y = matmul_2d(x.reshape(-1, k), w.reshape(-1, k), transpose_w=True,
+                      weight_only=weight_only)
+    else:
+        out_dims = w.shape[contract:]
+        y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1), weight_only=weight_only)
     return y.reshape(*lead, *out_dims)
 
 
@@ -238,6 +252,7 @@ class Attention(nn.Module):
     attention_impl: str = "xla"
     weight_quant: str = "none"
     fuse_projections: bool = False  # one q|k|v weight "qkv" (unsharded serving)
+    int8_nk: bool = False  # int8 weights stored [N, K] (see weight(); decode on AVX2 CPUs)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
@@ -249,28 +264,29 @@ class Attention(nn.Module):
         init = nn.initializers.normal(stddev=d ** -0.5)
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
+        nk = self.int8_nk and self.weight_quant != "none"
         # Parameters are declared in a fixed order (q, k, v, o): random init draws from it.
         if self.fuse_projections:  # one GEMV instead of three: faster memory-bound decode on CPU
             w_qkv, s_qkv = weight(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED), (1,),
-                                  self.dtype, raw_int8=True)
+                                  self.dtype, raw_int8=True, nk=nk)
             # BTD,DF->BTF with F = (n + 2k) h
-            qkv = scaled(linear(x, w_qkv, weight_only=wo), s_qkv)
+            qkv = scaled(linear(x, w_qkv, weight_only=wo, nk=nk), s_qkv)
             lead = qkv.shape[:-1]
             q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
             k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
             v_btkh = qkv[..., (n + k) * h:].reshape(*lead, k, h)
         else:
             w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2),
-                              self.dtype, raw_int8=True)
+                              self.dtype, raw_int8=True, nk=nk)
             w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
-                              self.dtype, raw_int8=True)
+                              self.dtype, raw_int8=True, nk=nk)
             w_v, s_v = weight(self, "v", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
-                              self.dtype, raw_int8=True)
-            q_btnh = scaled(linear(x, w_q, weight_only=wo), s_q)  # BTD,DNH->BTNH
-            k_btkh = scaled(linear(x, w_k, weight_only=wo), s_k)  # BTD,DKH->BTKH
-            v_btkh = scaled(linear(x, w_v, weight_only=wo), s_v)  # BTD,DKH->BTKH
+                              self.dtype, raw_int8=True, nk=nk)
+            q_btnh = scaled(linear(x, w_q, weight_only=wo, nk=nk), s_q)  # BTD,DNH->BTNH
+            k_btkh = scaled(linear(x, w_k, weight_only=wo, nk=nk), s_k)  # BTD,DKH->BTKH
+            v_btkh = scaled(linear(x, w_v, weight_only=wo, nk=nk), s_v)  # BTD,DKH->BTKH
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
-                          (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True)
+                          (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True, nk=nk)
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q_btnh += param_with_axes(self, "q_bias", zeros, (n, h), (HEADS, HEAD_DIM),
@@ -311,7 +327,7 @@ class Attention(nn.Module):
                 v_scale=v_scale)
         out_btnh = constrain(out_btnh, (BATCH, LENGTH, HEADS, HEAD_DIM))
         # BTNH,NHD->BTD
-        out_btd = scaled(linear(out_btnh, w_o, contract=2, weight_only=wo), s_o)
+        out_btd = scaled(linear(out_btnh, w_o, contract=2, weight_only=wo, nk=nk), s_o)
         return out_btd, cache
 
 
@@ -323,28 +339,30 @@ class MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     weight_quant: str = "none"
     fuse_projections: bool = False  # one gate|up weight "gate_up" (unsharded serving)
+    int8_nk: bool = False  # int8 weights stored [N, K] (see weight(); decode on AVX2 CPUs)
 
     @nn.compact
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
+        nk = self.int8_nk and self.weight_quant != "none"
         if self.fuse_projections:  # declared before "down", as gate and up are
             w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
-                                (EMBED, FUSED), (1,), self.dtype, raw_int8=True)
-            gate_up = scaled(linear(x, w_gu, weight_only=wo), s_gu)  # BTD,DF->BTF, F = 2 ffn_dim
+                                (EMBED, FUSED), (1,), self.dtype, raw_int8=True, nk=nk)
+            gate_up = scaled(linear(x, w_gu, weight_only=wo, nk=nk), s_gu)  # BTD,DF->BTF, F = 2 ffn_dim
             gate_btf, up_btf = gate_up[..., :f], gate_up[..., f:]
         else:
             w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
-                                    (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
+                                    (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True, nk=nk)
             w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
-                                (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True)
-            gate_btf = scaled(linear(x, w_gate, weight_only=wo), s_gate)  # BTD,DF->BTF
-            up_btf = scaled(linear(x, w_up, weight_only=wo), s_up)  # BTD,DF->BTF
+                                (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True, nk=nk)
+            gate_btf = scaled(linear(x, w_gate, weight_only=wo, nk=nk), s_gate)  # BTD,DF->BTF
+            up_btf = scaled(linear(x, w_up, weight_only=wo, nk=nk), s_up)  # BTD,DF->BTF
         w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
-                                (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True)
+                                (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
-        return scaled(linear(hidden_btf, w_down, weight_only=wo), s_down)  # BTF,FD->BTD
+        return scaled(linear(hidden_btf, w_down, weight_only=wo, nk=nk), s_down)  # BTF,FD->BTD
 
 
 class Block(nn.Module):
@@ -360,6 +378,7 @@ class Block(nn.Module):
     attention_impl: str = "xla"
     weight_quant: str = "none"
     fuse_projections: bool = False
+    int8_nk: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
@@ -367,7 +386,7 @@ class Block(nn.Module):
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
         attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
-                         self.fuse_projections, name="attn")
+                         self.fuse_projections, self.int8_nk, name="attn")
         attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
@@ -376,6 +395,6 @@ class Block(nn.Module):
             ffn = MoE(cfg, self.dtype, self.param_dtype, self.weight_quant, name="moe")
         else:
             ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
-                      self.fuse_projections, name="mlp")
+                      self.fuse_projections, self.int8_nk, name="mlp")
         x_btd = constrain(x_btd + ffn(h), (BATCH, LENGTH, EMBED))
         return (x_btd, cache), None

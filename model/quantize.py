@@ -19,27 +19,35 @@ def quantize_int8(w: np.ndarray, reduce_axes: tuple[int, ...]):
     return q, np.squeeze(scale, axis=reduce_axes)
 
 
-def int8_loaders(float_loaders: dict, int8_axes: dict) -> dict:
+def int8_loaders(float_loaders: dict, int8_axes: dict, float_axes: dict | None = None) -> dict:
     """Loaders for an int8 model's params tree from a float model's loaders.
 
     float_loaders: nested dict of loaders for the float model; int8_axes: logical-axes tree of the
     int8 model (model.decoder.logical_axes), where every quantized weight `x` has a sibling
     `x_scale`. Each weight is read and quantized once; its scale loader reuses the result.
+    float_axes: the float model's logical-axes tree, needed when the int8 model stores weights in
+    another dim order (Decoder(int8_nk=True)): a weight whose axes differ is transposed to the
+    int8 model's order after quantizing (the per-channel scale does not depend on the order).
     """
     out = {}
     for name, axes in int8_axes.items():
         if isinstance(axes, dict):
-            out[name] = int8_loaders(float_loaders[name], axes)
+            out[name] = int8_loaders(float_loaders[name], axes,
+                                     None if float_axes is None else float_axes[name])
         elif name.endswith("_scale"):
             continue
         elif name + "_scale" in int8_axes:
             scale_axes = int8_axes[name + "_scale"]
-            reduce_axes = tuple(i for i, a in enumerate(axes) if a not in scale_axes)
+            src_axes = tuple(axes if float_axes is None else float_axes[name])
+            order = _order(src_axes, tuple(axes), name)
+            reduce_axes = tuple(i for i, a in enumerate(src_axes) if a not in scale_axes)
             memo = {}
 
-            def quantized(load=float_loaders[name], reduce_axes=reduce_axes, memo=memo):
+            def quantized(load=float_loaders[name], reduce_axes=reduce_axes, order=order,
+                          memo=memo):
                 if "q" not in memo:
-                    memo["q"], memo["scale"] = quantize_int8(load(), reduce_axes)
+                    q, memo["scale"] = quantize_int8(load(), reduce_axes)
+                    memo["q"] = q if order is None else np.ascontiguousarray(q.transpose(order))
                 return memo
 
             out[name] = lambda quantized=quantized: quantized()["q"]
@@ -47,3 +55,14 @@ def int8_loaders(float_loaders: dict, int8_axes: dict) -> dict:
         else:
             out[name] = float_loaders[name]
     return out
+
+
+def _order(src_axes: tuple, dst_axes: tuple, name: str):
+    """The transpose taking a weight from src_axes to dst_axes (None: the same order)."""
+    if src_axes == dst_axes:
+        return None
+    if (len(src_axes) != len(dst_axes) or set(src_axes) != set(dst_axes)
+            or len(set(src_axes)) != len(src_axes)):
+        raise ValueError(f"int8 weight {name!r}: axes {dst_axes} are not a reordering of the "
+                         f"float weight's {src_axes}")
+    return tuple(src_axes.index(a) for a in dst_axes)

@@ -85,7 +85,7 @@ class Engine(RequestFrontEnd):
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
                  kv_cache_dtype: str = "auto", fuse_projections: bool | None = None,
-                 progress: bool = False):
+                 int8_weight_layout: str | None = None, progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -137,9 +137,17 @@ class Engine(RequestFrontEnd):
         self.cpu_kernels = ((quantization is not None or jnp.dtype(self.dtype) == jnp.float32)
                             and mesh is None and jax.default_backend() == "cpu"
                             and cpu_ffi.load())
+        if int8_weight_layout not in (None, "kn", "nk"):
+            raise ConfigError(f"int8_weight_layout must be None (auto), 'kn' or 'nk', got "
+                              f"{int8_weight_layout!r}")
+        if int8_weight_layout is None:  # what this CPU's kernels stream fastest
+            int8_weight_layout = cpu_ffi.int8_weight_layout() if self.cpu_kernels else "kn"
+        # Only quantized weights change layout; a float model always reads as [K, N].
+        self.int8_weight_layout = int8_weight_layout if quantization is not None else "kn"
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
-                             scan_layers=scan_layers, fuse_projections=self.fuse_projections)
+                             scan_layers=scan_layers, fuse_projections=self.fuse_projections,
+                             int8_nk=self.int8_weight_layout == "nk")
         self.param_axes = logical_axes(self.model)
         if mesh is not None:  # dims the mesh cannot split are replicated in params and activations
             self.rules = fit_rules(self.rules, mesh, logical_dims(abstract_params(self.model)))
@@ -147,7 +155,8 @@ class Engine(RequestFrontEnd):
         if self.fuse_projections:
             loaders = fuse_projection_loaders(loaders)
         if quantization is not None:
-            loaders = int8_loaders(loaders, self.param_axes)
+            float_axes = logical_axes(self.model.clone(weight_quant="none", int8_nk=False))
+            loaders = int8_loaders(loaders, self.param_axes, float_axes)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -196,7 +205,10 @@ class Engine(RequestFrontEnd):
         compilation), fuse_projections (None: on without a mesh; one q|k|v and one gate|up
         weight per layer: float32 batch-1 decode 32.2 -> 27.1 ms/token on CPU; quantized
         weights keep per-column scales, so fused and separate give the same logits),
-        progress (tqdm bar while loading).
+        int8_weight_layout (None: what this CPU's kernels read fastest, "nk" without AVX-512,
+        else "kn"; "kn" stores quantized weights [K, N] like the float ones, "nk" output
+        channel first, [N, K]: same math, int8 batch-1 decode ~1.3x faster on AVX2 CPUs,
+        docs/PERFORMANCE.md), progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
 
@@ -558,7 +570,7 @@ class Engine(RequestFrontEnd):
             "dtype": self.dtype_name, "attention": self.model.attention_impl,
             "quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype,
             "scan_layers": self.model.scan_layers, "fuse_projections": self.fuse_projections,
-            "cpu_kernels": self.cpu_kernels,
+            "int8_weight_layout": self.int8_weight_layout, "cpu_kernels": self.cpu_kernels,
             "page_size": self.page_size, "num_pages": self.cache.num_pages,
             "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
             "mesh": None if self.mesh is None else dict(self.mesh.shape),

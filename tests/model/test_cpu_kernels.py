@@ -49,6 +49,12 @@ def gemm_targets(avx2_build):
 
 
 @pytest.fixture(scope="module")
+def int8_targets(targets, avx2_build):
+    """The w8a8 matmul of the default build, the portable one and the AVX2 one."""
+    return targets + [cpu_ffi.TARGET + AVX2] * avx2_build
+
+
+@pytest.fixture(scope="module")
 def weight_only_targets(avx2_build):
     names = [cpu_ffi.WEIGHT_ONLY_TARGET, cpu_ffi.WEIGHT_ONLY_TARGET + GENERIC]
     return names + [cpu_ffi.WEIGHT_ONLY_TARGET + AVX2] * avx2_build
@@ -67,14 +73,14 @@ def xla_int8_dot(x, w, transpose_w):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 200),
        transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_matches_xla_int8_dot(targets, m, k, n, transpose_w, seed):
+def test_matches_xla_int8_dot(int8_targets, m, k, n, transpose_w, seed):
     """Bit-identical to XLA for ragged K (not a multiple of 4 or 64) and N (not a multiple of
     the tiles), both weight layouts, and full int8 ranges, including -128."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
     w = jnp.asarray(rng.integers(-128, 128, (n, k) if transpose_w else (k, n), dtype=np.int8))
     want = np.asarray(xla_int8_dot(x, w, transpose_w))
-    for target in targets:
+    for target in int8_targets:
         got = jax.jit(lambda x, w, t=target: cpu_ffi.int8_matmul(x, w, transpose_w, t))(x, w)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
 
@@ -97,13 +103,17 @@ def test_weight_only_matches_xla(weight_only_targets, m, k, n, transpose_w, seed
         assert np.all(np.abs(np.asarray(got) - want) <= bound), target
 
 
-def test_extreme_values_accumulate_exactly(targets):
-    """The largest sums the kernel allows (x = -128 against w = -128 over a long K) stay exact."""
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_extreme_values_accumulate_exactly(int8_targets, transpose_w):
+    """The largest sums the kernel allows (x = -128 against w = -128 over a long K) stay exact,
+    in both weight layouts."""
     k = 8192
     x = jnp.full((2, k), -128, jnp.int8)
     w = jnp.concatenate([jnp.full((k, 3), -128, jnp.int8), jnp.full((k, 3), 127, jnp.int8)], 1)
-    for target in targets:
-        got = np.asarray(cpu_ffi.int8_matmul(x, w, target=target))
+    if transpose_w:
+        w = w.T
+    for target in int8_targets:
+        got = np.asarray(cpu_ffi.int8_matmul(x, w, transpose_w, target=target))
         assert got[0].tolist() == [128 * 128 * k] * 3 + [-128 * 127 * k] * 3
 
 
@@ -111,7 +121,8 @@ def test_decode_shapes_of_the_default_model(targets):
     """The shapes a SmolLM2-135M w8a8 decode step runs: projections and the tied LM head."""
     rng = np.random.default_rng(0)
     for m, k, n, transpose_w in [(1, 576, 960, False), (4, 576, 3072, False),
-                                 (2, 1536, 576, False), (1, 576, 49152, True)]:
+                                 (2, 1536, 576, False), (1, 576, 49152, True),
+                                 (1, 576, 3072, True), (3, 1536, 576, True)]:  # [N, K] layers
         x = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
         w = jnp.asarray(rng.integers(-127, 128, (n, k) if transpose_w else (k, n), np.int8))
         got = cpu_ffi.int8_matmul(x, w, transpose_w)
@@ -158,11 +169,13 @@ def test_weight_only_model_tracks_xla(make_tiny_engine, targets):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 1, 64), np.float32))
     params = with_kernel.params["layers_0"]["mlp"]
     from model.layers import matmul_2d
-    w = params["gate_up"]
-    y_k = matmul_2d(x[0], w, weight_only=True)
+    w, nk = params["gate_up"], with_kernel.int8_weight_layout == "nk"  # [N, K] on AVX2
+    y_k = matmul_2d(x[0], w, transpose_w=nk, weight_only=True)
     with cpu_ffi.disabled():
-        y_p = matmul_2d(x[0], w, weight_only=True)
-    np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_p), rtol=1e-5, atol=1e-5)
+        y_p = matmul_2d(x[0], w, transpose_w=nk, weight_only=True)
+    # Summed in another order: rounding relative to the largest outputs (terms up to ~1e3).
+    np.testing.assert_allclose(np.asarray(y_k), np.asarray(y_p), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(np.asarray(y_p)).max()))
 
 
 def test_w8a8_model_same_logits_with_and_without_the_kernel(make_tiny_engine, targets):

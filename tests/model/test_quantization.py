@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.layers import int8_rows, matmul_2d
-from model.quantize import quantize_int8
+from model.quantize import int8_loaders, quantize_int8
 
 
 def test_quantize_int8_per_channel():
@@ -22,6 +22,22 @@ def test_quantize_int8_per_channel():
     np.testing.assert_allclose(scale[0, 0], np.abs(w[:, 0, 0]).max() / 127, rtol=1e-6)
     assert np.all(np.abs(q.astype(np.float32) * scale - w) <= scale * 0.5 + 1e-7)
     assert np.all(q[:, 1, 2] == 0)
+
+
+def test_int8_loaders_transpose_to_the_int8_models_axes():
+    """With float_axes, a weight the int8 model declares in another dim order (Decoder(
+    int8_nk=True)) is quantized per output channel, then transposed; the scale is the same."""
+    w = np.random.default_rng(0).standard_normal((6, 2, 5)).astype(np.float32)  # [heads, hd, d]
+    float_axes = {"o": ("heads", "head_dim", "embed"), "norm": ("embed",)}
+    nk_axes = {"o": ("embed", "heads", "head_dim"), "o_scale": ("embed",), "norm": ("embed",)}
+    loaders = {"o": lambda: w, "norm": lambda: np.ones(5, np.float32)}
+    got = {k: f() for k, f in int8_loaders(loaders, nk_axes, float_axes).items()}
+    q, scale = quantize_int8(w, (0, 1))
+    np.testing.assert_array_equal(got["o"], q.transpose(2, 0, 1))
+    np.testing.assert_array_equal(got["o_scale"], scale)
+    assert got["o"].flags.c_contiguous and got["norm"].shape == (5,)
+    with pytest.raises(ValueError, match="not a reordering"):
+        int8_loaders(loaders, {**nk_axes, "o": ("embed", "heads", "vocab")}, float_axes)
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])

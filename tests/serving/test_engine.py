@@ -120,6 +120,7 @@ def test_bad_requests_get_clear_errors(shared_tiny_engine, kwargs, fragment):
     (dict(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
     (dict(attention="flash"), "attention='flash' is not one of"),
     (dict(dtype="float16"), "dtype='float16' is not supported"),
+    (dict(quantization="int8", int8_weight_layout="kt"), "int8_weight_layout must be"),
 ])
 def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs, message):
     from model.config import ConfigError
@@ -160,12 +161,65 @@ def test_fused_projections_keep_quantized_logits(make_tiny_engine, quantization)
     plain = make_tiny_engine(quantization=quantization, fuse_projections=False)
     assert fused.fuse_projections and not plain.fuse_projections
     attn = fused.params["layers_0"]["attn"]
-    assert attn["qkv"].dtype == jnp.int8 and attn["qkv_scale"].shape == attn["qkv"].shape[-1:]
+    out_dims = attn["qkv"].shape[:1] if fused.int8_weight_layout == "nk" else attn["qkv"].shape[1:]
+    assert attn["qkv"].dtype == jnp.int8 and attn["qkv_scale"].shape == out_dims
     prompts = _prompts(3)
     np.testing.assert_allclose(fused.score(prompts[0]), plain.score(prompts[0]), atol=1e-5,
                                rtol=1e-5)
     assert ([o.token_ids for o in fused.generate(prompts, max_new_tokens=8)]
             == [o.token_ids for o in plain.generate(prompts, max_new_tokens=8)])
+
+
+# The default run keeps the separate (3-D) weights with the weight-only kernel; the rest is slow.
+@pytest.mark.parametrize("quantization,fuse", [
+    ("int8", False), pytest.param("int8", True, marks=pytest.mark.slow),
+    pytest.param("w8a8", False, marks=pytest.mark.slow),
+    pytest.param("w8a8", True, marks=pytest.mark.slow)])
+def test_int8_weight_layouts_give_the_same_model(make_tiny_engine, tmp_path, quantization, fuse):
+    """int8_weight_layout="nk" stores every quantized layer weight (and an untied LM head)
+    output channels first: each is the transpose of the "kn" weight, with the same scales; w8a8
+    logits are identical (exact integer sums), weight-only ones equal to float rounding, and
+    greedy tokens agree, alone and batched."""
+    import dataclasses
+
+    from model.config import get_preset
+    from model.kernels import cpu_ffi
+    untied = dataclasses.replace(get_preset("tiny"), bos_id=256, eos_id=257, tie_embeddings=False)
+    ckpt = tiny_checkpoint(tmp_path, untied)
+    kn, nk = (Engine(ckpt, attention="xla", quantization=quantization, fuse_projections=fuse,
+                     int8_weight_layout=layout) for layout in ("kn", "nk"))
+    assert (kn.int8_weight_layout, nk.int8_weight_layout) == ("kn", "nk")
+    flat_kn = dict(jax.tree_util.tree_flatten_with_path(kn.params)[0])
+    flat_nk = dict(jax.tree_util.tree_flatten_with_path(nk.params)[0])
+    assert flat_kn.keys() == flat_nk.keys()
+    transposed = 0
+    for path, a in flat_kn.items():
+        b, name = flat_nk[path], jax.tree_util.keystr(path)
+        if a.dtype != jnp.int8 or "embedding" in name:  # scales, norms and the gathered rows
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+            continue
+        scale = flat_kn[path[:-1] + (jax.tree_util.DictKey(path[-1].key + "_scale"),)]
+        k_dims = a.ndim - scale.ndim  # [K..., N...] -> [N..., K...]
+        order = tuple(range(k_dims, a.ndim)) + tuple(range(k_dims))
+        np.testing.assert_array_equal(np.transpose(np.asarray(a), order), np.asarray(b),
+                                      err_msg=name)
+        transposed += 1
+    # Per layer: q|k|v (or q, k, v), o, gate|up (or gate, up), down; then the LM head.
+    assert transposed == untied.num_layers * (4 if fuse else 7) + 1
+    prompts = _prompts(3)
+    if quantization == "w8a8":
+        np.testing.assert_array_equal(kn.score(prompts[0]), nk.score(prompts[0]))
+    else:
+        np.testing.assert_allclose(kn.score(prompts[0]), nk.score(prompts[0]), atol=1e-5,
+                                   rtol=1e-5)
+    batched = [o.token_ids for o in nk.generate(prompts, max_new_tokens=8)]
+    assert batched == [o.token_ids for o in kn.generate(prompts, max_new_tokens=8)]
+    assert batched == [nk.generate([p], max_new_tokens=8)[0].token_ids for p in prompts]
+    # None picks what this CPU's kernels read fastest; float weights always stay [K, N].
+    auto = Engine(ckpt, attention="xla", quantization=quantization)
+    want = cpu_ffi.int8_weight_layout() if auto.cpu_kernels else "kn"
+    assert auto.int8_weight_layout == want
+    assert Engine(ckpt, attention="xla", int8_weight_layout="nk").int8_weight_layout == "kn"
 
 
 def test_fused_projections_refuse_sharded_engines(make_tiny_engine):

@@ -239,6 +239,69 @@ void nk_tile_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, in
 }
 #endif  // XLRT_VNNI
 
+#if XLRT_WO_AVX2
+// [N, K], AVX2 (no VNNI): each output is a dot of two contiguous rows. x is widened to int16 once
+// per call (xw, rows kp apart, zero-padded to a multiple of 32); each 16 weight bytes are widened
+// once for the MC x rows of a block and multiplied with vpmaddwd, which sums pairs of int16
+// products into int32: exact for every int8 value, -128 included, as XLA's dot is. Two
+// accumulators per row, in registers (MC is a template argument); 2 KiB ahead of the weight
+// stream is prefetched.
+template <int MC>
+void nk_rows_avx2(const int16_t* xw, int64_t kp, const int8_t* w, int32_t* y, int64_t K,
+                  int64_t N, int64_t n0, int64_t n1) {
+  const int64_t kv = K / 32 * 32;
+  const int8_t* end = w + N * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m256i acc[MC][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      if (row + k + 2048 < end) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + 2048), _MM_HINT_T0);
+      }
+      const __m256i w0 = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MC; ++m) {
+        const int16_t* xm = xw + m * kp + k;
+        acc[m][0] = _mm256_add_epi32(
+            acc[m][0], _mm256_madd_epi16(
+                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm)), w0));
+        acc[m][1] = _mm256_add_epi32(
+            acc[m][1], _mm256_madd_epi16(
+                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 16)), w1));
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; ++m) {
+      const __m256i a = _mm256_add_epi32(acc[m][0], acc[m][1]);
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+      const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+      int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+      for (int64_t k = kv; k < K; ++k) sum += static_cast<int32_t>(xw[m * kp + k]) * row[k];
+      y[m * N + n] = sum;
+    }
+  }
+}
+
+void nk_tile_avx2(const int16_t* xw, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
+                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const int16_t* xm = xw + m * kp;
+    int32_t* ym = y + m * N;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: nk_rows_avx2<1>(xm, kp, w, ym, K, N, n0, n1); break;
+      case 2: nk_rows_avx2<2>(xm, kp, w, ym, K, N, n0, n1); break;
+      case 3: nk_rows_avx2<3>(xm, kp, w, ym, K, N, n0, n1); break;
+      default: nk_rows_avx2<4>(xm, kp, w, ym, K, N, n0, n1); break;
+    }
+  }
+}
+#endif  // XLRT_WO_AVX2
+
 // x [M, K], w [K, N] (or [N, K] with transpose_w), y [M, N]: sets M, K, N or names the problem.
 template <typename Dims>
 ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t transpose_w,
@@ -288,9 +351,25 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
     else kn_tile_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
   });
 #else
+#if XLRT_WO_AVX2
+  // [N, K]: the AVX2 dot over x widened once; [K, N] keeps the portable loops (AVX2 engines
+  // store int8 weights [N, K], cpu_ffi.int8_weight_layout).
+  std::vector<int16_t> xw;
+  int64_t kp = 0;
+  if (transpose_w) {
+    kp = (K + 31) / 32 * 32;
+    xw.assign(M * kp, 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xw[m * kp + k] = xp[m * K + k];
+  }
+#endif
   parallel_for(pool, items, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
+#if XLRT_WO_AVX2
+    if (transpose_w) nk_tile_avx2(xw.data(), kp, wp, yp, M, K, N, n0, n1);
+#else
     if (transpose_w) nk_tile_generic(xp, wp, yp, M, K, N, n0, n1);
+#endif
     else kn_tile_generic(xp, wp, yp, M, K, N, n0, n1);
   });
 #endif
