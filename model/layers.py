@@ -104,7 +104,7 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
             return cpu_ffi.weight_only_matmul(x2, w2, transpose_w)
         return jax.lax.dot_general(x2, w2.astype(x2.dtype), dims)
     xq, xs = int8_rows(x2)
-    if cpu_ffi.use_int8_matmul(rows, x2.shape[1]):  # few rows on CPU: the VNNI kernel, same sums
+    if cpu_ffi.use_int8_matmul(rows, x2.shape[1], transpose_w):  # decode rows on CPU: same sums
         y = cpu_ffi.int8_matmul(xq, w2, transpose_w)
         return (y.astype(jnp.float32) * xs).astype(x2.dtype)
     if rows < W8A8_MIN_ROWS:

@@ -86,6 +86,10 @@ ATTENTION_MAX_QUERY_LEN = 8
 # this, XLA's GEMM re-uses each weight load across enough rows (measured crossover in
 # docs/PERFORMANCE.md).
 INT8_MAX_ROWS = 2
+# With [N, K] weights on AVX2 (no AVX-512) the w8a8 kernel beat XLA's int8 dot at every row count
+# measured, 2 to 32 (1.3-2.1x in a 30-layer chain of the default model's matmuls,
+# docs/PERFORMANCE.md), so it runs for decode batches up to this many rows there.
+INT8_NK_MAX_ROWS_AVX2 = 32
 # Weight-only int8 (float32 rows times int8 weights): up to this many rows per matmul.
 WEIGHT_ONLY_MAX_ROWS = 32
 # int32 accumulation of (x + 128) * w stays exact up to K = 2**31 / (255 * 128).
@@ -93,7 +97,7 @@ INT8_MAX_K = 65536
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "error": None, "vnni": False, "gemm_simd": False,
-                "avx512": False}
+                "avx512": False, "avx2": False}
 _disabled = contextvars.ContextVar("xlrt_cpu_kernels_disabled", default=False)
 
 
@@ -182,7 +186,9 @@ def load() -> bool:
             lib = register()
             _state["vnni"] = bool(lib.xlrt_int8_matmul_vnni())
             # Every source is built with the same flags: the GEMM's path is the library's.
-            _state["avx512"] = _state["gemm_simd"] = lib.xlrt_f32_gemm_path() == 2
+            path = lib.xlrt_f32_gemm_path()
+            _state["avx512"] = _state["gemm_simd"] = path == 2
+            _state["avx2"] = path == 1
             _state["lib"] = lib
         except Exception as e:  # any failure leaves XLA's dot in place
             _state["error"] = str(e)
@@ -229,11 +235,13 @@ def _mesh_active() -> bool:
     return not mesh.empty
 
 
-def use_int8_matmul(rows: int, k: int) -> bool:
-    """Whether a traced w8a8 matmul of `rows` x `k` runs the kernel (see the module docstring)."""
-    if _disabled.get() or rows > INT8_MAX_ROWS or k > INT8_MAX_K:
+def use_int8_matmul(rows: int, k: int, transpose_w: bool = False) -> bool:
+    """Whether a traced w8a8 matmul of `rows` x `k` (weights [N, K] with transpose_w) runs the
+    kernel (see the module docstring): up to INT8_MAX_ROWS rows, or INT8_NK_MAX_ROWS_AVX2 for
+    [N, K] weights on an AVX2 build."""
+    if _disabled.get() or k > INT8_MAX_K or rows > INT8_NK_MAX_ROWS_AVX2 or not _usable():
         return False
-    return _usable()
+    return rows <= (INT8_NK_MAX_ROWS_AVX2 if transpose_w and _state["avx2"] else INT8_MAX_ROWS)
 
 
 def use_weight_only_matmul(rows: int, dtype) -> bool:

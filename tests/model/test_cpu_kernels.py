@@ -143,6 +143,11 @@ def test_used_only_where_it_should_be(targets):
     assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576)  # prefill: XLA's GEMM
     assert not cpu_ffi.use_int8_matmul(1, cpu_ffi.INT8_MAX_K + 1)  # int32 sums could overflow
+    # [N, K] weights on an AVX2 build: decode batches up to INT8_NK_MAX_ROWS_AVX2 rows.
+    avx2 = cpu_ffi._state["avx2"]
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == avx2
+    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True)
+    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=False)
     with cpu_ffi.disabled():  # jax.export
         assert not cpu_ffi.use_int8_matmul(1, 576)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # sharded weights keep XLA's dot
