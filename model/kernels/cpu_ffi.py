@@ -70,7 +70,9 @@ ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cac
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
 # 960), 2-4 rows into at most F32_GEMV_WIDE_MAX_N (gate|up too, N = 3072). Same-run A/B of the
 # decode step (docs/PERFORMANCE.md): faster in each of these cases; slower for one row into
-# 3072 outputs and for 8 rows, which keep XLA's dot.
+# 3072 outputs and for 8 rows, which keep XLA's dot. On AVX2 (no AVX-512) one row keeps XLA's
+# dot too: its GEMVs there were as fast (19-23 GB/s) and the batch-1 step 7% faster (21.38 against
+# 19.86 ms/token, same process), while 2 and 4 rows stayed faster with the kernel.
 F32_GEMV_MAX_ROWS = 4
 F32_GEMV_MAX_N = 1024
 F32_GEMV_WIDE_MAX_N = 4096
@@ -257,9 +259,9 @@ def use_f32_gemv(rows: int, n: int, dtype) -> bool:
     split-K kernel (see F32_GEMV_MAX_ROWS; elsewhere XLA's dot was as fast or faster)."""
     limit = F32_GEMV_MAX_N if rows <= 1 else F32_GEMV_WIDE_MAX_N
     if (_disabled.get() or rows > F32_GEMV_MAX_ROWS or n > limit
-            or jnp.dtype(dtype) != jnp.float32):
+            or jnp.dtype(dtype) != jnp.float32 or not _usable()):
         return False
-    return _usable()
+    return rows > 1 or not _state["avx2"]
 
 
 def int8_weight_layout() -> str:

@@ -382,8 +382,9 @@ def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targe
     from model.decoder import decode_step
     prompts = [[5, 17, 99, 3], list(range(1, 60)), [42], list(range(100, 137))]
     eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
-    args = (eng.params, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32), eng.cache,
-            jnp.ones((1, 4), jnp.int32))
+    # Two rows: the GEMV's case on every CPU (one row keeps XLA's dot on AVX2).
+    args = (eng.params, jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32), eng.cache,
+            jnp.ones((2, 4), jnp.int32))
     hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
     assert cpu_ffi.ATTENTION_TARGET in hlo and cpu_ffi.F32_GEMV_TARGET in hlo
     batched = [o.token_ids for o in eng.generate(prompts, max_new_tokens=12)]
@@ -419,11 +420,13 @@ def test_f32_gemv_use_gradient_and_errors(targets):
     assert not cpu_ffi.use_f32_gemv(1, cpu_ffi.F32_GEMV_MAX_N + 1, jnp.float32)  # wide: XLA
     assert cpu_ffi.use_f32_gemv(2, cpu_ffi.F32_GEMV_WIDE_MAX_N, jnp.float32)  # unless 2-4 rows
     assert not cpu_ffi.use_f32_gemv(2, cpu_ffi.F32_GEMV_WIDE_MAX_N + 1, jnp.float32)
-    assert not cpu_ffi.use_f32_gemv(1, 576, jnp.bfloat16)
+    assert not cpu_ffi.use_f32_gemv(2, 576, jnp.bfloat16)
+    # One row: the kernel except on AVX2 builds, where XLA's dot was faster.
+    assert cpu_ffi.use_f32_gemv(1, 576, jnp.float32) == (not cpu_ffi._state["avx2"])
     with cpu_ffi.disabled():
-        assert not cpu_ffi.use_f32_gemv(1, 576, jnp.float32)
+        assert not cpu_ffi.use_f32_gemv(2, 576, jnp.float32)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-        assert not cpu_ffi.use_f32_gemv(1, 576, jnp.float32)
+        assert not cpu_ffi.use_f32_gemv(2, 576, jnp.float32)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 96), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((96, 40), dtype=np.float32))
