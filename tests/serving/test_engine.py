@@ -222,6 +222,19 @@ def test_int8_weight_layouts_give_the_same_model(make_tiny_engine, tmp_path, qua
     assert Engine(ckpt, attention="xla", int8_weight_layout="nk").int8_weight_layout == "kn"
 
 
+def test_int8_weight_layout_flag_reaches_the_engine_kwargs():
+    from serving import cli
+    p = cli.parser("t")
+    cli.add_model_flags(p)
+    cli.add_engine_flags(p)
+    assert cli.engine_kwargs(p.parse_args([]))["int8_weight_layout"] is None  # auto
+    for layout in ("kn", "nk"):
+        args = p.parse_args(["--quantization", "int8", "--int8-weight-layout", layout])
+        assert cli.engine_kwargs(args)["int8_weight_layout"] == layout
+    with pytest.raises(SystemExit):
+        p.parse_args(["--int8-weight-layout", "nk8"])
+
+
 def test_fused_projections_refuse_sharded_engines(make_tiny_engine):
     mesh = jax.make_mesh((1,), ("data",))
     with pytest.raises(ConfigError, match="fuse_projections needs one device"):
