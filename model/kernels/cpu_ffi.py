@@ -216,7 +216,7 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 def status() -> dict:
     """Whether the kernels loaded in this process, with VNNI, with the float32 GEMM in use
-    (AVX-512), or why not (tests, bug reports)."""
+    (AVX-512), the int8 weight layout engines pick here, or why not (tests, bug reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"],
             "gemm_simd": _state["gemm_simd"], "int8_weight_layout": int8_weight_layout(),
             "error": _state["error"]}
