@@ -33,14 +33,13 @@ def _long_prompt(n: int) -> list[int]:
 
 
 def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
-    from serving import Engine
+    from serving import Engine, cli
 
     eng = Engine.from_pretrained(args.model, dtype="float32", attention=args.attention,
                                  quantization=quantization, decode_steps=args.decode_steps,
                                  max_num_seqs=max(args.concurrency), kv_cache_gb=args.kv_cache_gb,
                                  kv_cache_dtype=kv_cache_dtype,
-                                 int8_weight_layout=(None if args.int8_weight_layout == "auto"
-                                                     else args.int8_weight_layout))
+                                 int8_weight_layout=cli.int8_weight_layout(args))
     new = args.new_tokens
     gen = lambda prompts, n: eng.generate(prompts, max_new_tokens=n, ignore_eos=True)
     gen(PROMPT_5, new + 1)  # compile the programs this measurement uses
@@ -220,9 +219,7 @@ elif __name__ == "__main__":
     p.add_argument("--skip-int8", action="store_true", help="no int8-weights row")
     p.add_argument("--w8a8", action="store_true",
                    help="add a w8a8 row (int8 weights, int8 activations in batched matmuls)")
-    p.add_argument("--int8-weight-layout", default="auto", choices=["auto", "kn", "nk"],
-                   help="layout of the int8 rows' weights: [K, N] (kn), [N, K] (nk), or auto "
-                        "(what this CPU's kernels read fastest; nk without AVX-512)")
+    cli.add_int8_weight_layout_flag(p)
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "int8"],
                    help="KV cache dtypes of the float32-weight rows (auto: float32 KV; int8: "
                         "a 'float32_kv_int8' row)")

@@ -68,10 +68,20 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (the compute dtype) or int8 (a float32 scale "
                         "per token and kv head; ~3.5-4x the pages of float32 per GiB)")
+    add_int8_weight_layout_flag(p)
+
+
+def add_int8_weight_layout_flag(p: argparse.ArgumentParser) -> None:
+    """--int8-weight-layout (Engine int8_weight_layout; read back by int8_weight_layout())."""
     p.add_argument("--int8-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="with --quantization: int8 weights stored [K, N] (kn) or output channel "
                         "first, [N, K] (nk); auto: what this CPU's kernels read fastest (nk "
                         "without AVX-512)")
+
+
+def int8_weight_layout(args: argparse.Namespace) -> str | None:
+    """Engine's int8_weight_layout from --int8-weight-layout (None for auto)."""
+    return None if args.int8_weight_layout == "auto" else args.int8_weight_layout
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -82,8 +92,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
     if hasattr(args, "int8_weight_layout"):
-        kwargs["int8_weight_layout"] = (None if args.int8_weight_layout == "auto"
-                                        else args.int8_weight_layout)
+        kwargs["int8_weight_layout"] = int8_weight_layout(args)
     if getattr(args, "kv_cache_gb", 1.0) is not None and args.kv_cache_gb <= 0:
         raise CLIError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     return kwargs

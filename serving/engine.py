@@ -154,8 +154,9 @@ class Engine(RequestFrontEnd):
         loaders = checkpoint.tree(scan_layers=scan_layers)
         if self.fuse_projections:
             loaders = fuse_projection_loaders(loaders)
-        if quantization is not None:
-            float_axes = logical_axes(self.model.clone(weight_quant="none", int8_nk=False))
+        if quantization is not None:  # [N, K] weights: transposed from the float model's order
+            float_axes = (logical_axes(self.model.clone(weight_quant="none", int8_nk=False))
+                          if self.model.int8_nk else None)
             loaders = int8_loaders(loaders, self.param_axes, float_axes)
         bar = None
         if progress:

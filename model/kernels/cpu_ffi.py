@@ -98,8 +98,9 @@ WEIGHT_ONLY_MAX_ROWS = 32
 INT8_MAX_K = 65536
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "error": None, "vnni": False, "gemm_simd": False,
-                "avx512": False, "avx2": False}
+# "simd": the library's vector path, "avx512", "avx2" or "portable" (one for every source: they
+# are built with the same flags), None until loaded.
+_state: dict = {"tried": False, "lib": None, "error": None, "vnni": False, "simd": None}
 _disabled = contextvars.ContextVar("xlrt_cpu_kernels_disabled", default=False)
 
 
@@ -187,10 +188,7 @@ def load() -> bool:
         try:
             lib = register()
             _state["vnni"] = bool(lib.xlrt_int8_matmul_vnni())
-            # Every source is built with the same flags: the GEMM's path is the library's.
-            path = lib.xlrt_f32_gemm_path()
-            _state["avx512"] = _state["gemm_simd"] = path == 2
-            _state["avx2"] = path == 1
+            _state["simd"] = ("portable", "avx2", "avx512")[lib.xlrt_f32_gemm_path()]
             _state["lib"] = lib
         except Exception as e:  # any failure leaves XLA's dot in place
             _state["error"] = str(e)
@@ -218,7 +216,7 @@ def status() -> dict:
     """Whether the kernels loaded in this process, with VNNI, with the float32 GEMM in use
     (AVX-512), the int8 weight layout engines pick here, or why not (tests, bug reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"],
-            "gemm_simd": _state["gemm_simd"], "int8_weight_layout": int8_weight_layout(),
+            "gemm_simd": _state["simd"] == "avx512", "int8_weight_layout": int8_weight_layout(),
             "error": _state["error"]}
 
 
@@ -243,7 +241,8 @@ def use_int8_matmul(rows: int, k: int, transpose_w: bool = False) -> bool:
     [N, K] weights on an AVX2 build."""
     if _disabled.get() or k > INT8_MAX_K or rows > INT8_NK_MAX_ROWS_AVX2 or not _usable():
         return False
-    return rows <= (INT8_NK_MAX_ROWS_AVX2 if transpose_w and _state["avx2"] else INT8_MAX_ROWS)
+    return rows <= (INT8_NK_MAX_ROWS_AVX2 if transpose_w and _state["simd"] == "avx2"
+                    else INT8_MAX_ROWS)
 
 
 def use_weight_only_matmul(rows: int, dtype) -> bool:
@@ -261,7 +260,7 @@ def use_f32_gemv(rows: int, n: int, dtype) -> bool:
     if (_disabled.get() or rows > F32_GEMV_MAX_ROWS or n > limit
             or jnp.dtype(dtype) != jnp.float32 or not _usable()):
         return False
-    return rows > 1 or not _state["avx2"]
+    return rows > 1 or _state["simd"] != "avx2"
 
 
 def int8_weight_layout() -> str:
@@ -269,7 +268,7 @@ def int8_weight_layout() -> str:
     channel's weights contiguous, model.decoder.Decoder(int8_nk=True)) without AVX-512: on AVX2
     the [K, N] column ranges read 1.4-1.8x slower at 1-16 rows; "kn" with AVX-512 (the
     layout its kernels were tuned on) or without the kernels (XLA's dot)."""
-    if _state["lib"] is None or _state["avx512"]:
+    if _state["lib"] is None or _state["simd"] == "avx512":
         return "kn"
     return "nk"
 
@@ -282,7 +281,7 @@ def use_f32_gemm(rows: int, dtype) -> bool:
         return False
     # Only with AVX-512: its portable loops ran 2-5x slower than XLA's dot, and its AVX2 path
     # 9% slower at 16 rows and even at 32 in a same-machine engine A/B (docs/PERFORMANCE.md).
-    return _usable() and _state["gemm_simd"]
+    return _usable() and _state["simd"] == "avx512"
 
 
 def f32_gemv(x, w, target: str = F32_GEMV_TARGET):

@@ -144,7 +144,7 @@ def test_used_only_where_it_should_be(targets):
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576)  # prefill: XLA's GEMM
     assert not cpu_ffi.use_int8_matmul(1, cpu_ffi.INT8_MAX_K + 1)  # int32 sums could overflow
     # [N, K] weights on an AVX2 build: decode batches up to INT8_NK_MAX_ROWS_AVX2 rows.
-    avx2 = cpu_ffi._state["avx2"]
+    avx2 = cpu_ffi._state["simd"] == "avx2"
     assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == avx2
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True)
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=False)
@@ -422,7 +422,7 @@ def test_f32_gemv_use_gradient_and_errors(targets):
     assert not cpu_ffi.use_f32_gemv(2, cpu_ffi.F32_GEMV_WIDE_MAX_N + 1, jnp.float32)
     assert not cpu_ffi.use_f32_gemv(2, 576, jnp.bfloat16)
     # One row: the kernel except on AVX2 builds, where XLA's dot was faster.
-    assert cpu_ffi.use_f32_gemv(1, 576, jnp.float32) == (not cpu_ffi._state["avx2"])
+    assert cpu_ffi.use_f32_gemv(1, 576, jnp.float32) == (cpu_ffi._state["simd"] != "avx2")
     with cpu_ffi.disabled():
         assert not cpu_ffi.use_f32_gemv(2, 576, jnp.float32)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
