@@ -1,13 +1,25 @@
 """Shared fixtures. Tests run on CPU; multi-device tests spawn subprocesses with 8 host devices."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (optional, for deviceless TPU compiles) takes a machine-wide lock file; let test
 # processes and their subprocesses load it side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One JAX compilation cache for the whole run, in a fresh directory (never the user's): many
+# tests build engines over the same model and shapes, and their subprocesses inherit it, so a
+# program compiled once is loaded by later engines instead of compiled again. Tests of the
+# cache itself point JAX at their own directories.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xlrt-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 

@@ -96,7 +96,7 @@ def _value_and_grads(attention, q, k, v, d_out):
 
 # platform "cpu" interprets the TPU-style kernel, "gpu" the Triton-style one.
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
-@settings(max_examples=10, **PROFILE)
+@settings(max_examples=6, **PROFILE)
 @given(flash_cases())
 @example(flash_case(1, b=2, kvh=2, g=8, h=8, t=20, s=35, packed=False, q_offset=-2, orphans=0,
                     dtype="float32", causal=True, sliding_window=None, logit_softcap=None,
@@ -195,7 +195,7 @@ def paged_cases(draw):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
-@settings(max_examples=10, **PROFILE)
+@settings(max_examples=6, **PROFILE)
 @given(paged_cases())
 @example(paged_case(3, b=3, kvh=2, g=8, h=16, t=1, page_size=4, pages_per_seq=5,
                     kv_lens=[0, 13, 20], dtype="float32", sliding_window=None,
@@ -237,7 +237,7 @@ def test_ragged_paged_attention_reads_one_layer_of_a_stacked_cache(platform):
         fn(q, k_cache, v_cache, *index)
 
 
-@settings(max_examples=12, **PROFILE)  # and the explicit examples below
+@settings(max_examples=6, **PROFILE)  # and the explicit examples below
 @given(paged_cases())
 @example(paged_case(6, b=3, kvh=3, g=3, h=16, t=1, page_size=16, pages_per_seq=4,
                     kv_lens=[0, 17, 64], dtype="float32", sliding_window=None,

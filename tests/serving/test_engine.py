@@ -128,7 +128,10 @@ def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs
         make_tiny_engine(**kwargs)
 
 
-@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
+# Fused weights are the serving default, checked against the reference logits by
+# tests/serving/test_golden.py; the equivalence with separate weights runs with -m slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [False, True])
 def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers, tmp_path):
     """fuse_projections (the default for float weights on one device) loads q|k|v and gate|up as
     one weight each; logits match the separate weights and greedy tokens are the same."""
@@ -153,7 +156,8 @@ def test_fused_projections_match_separate_weights(make_tiny_engine, scan_layers,
     np.testing.assert_allclose(a.score(prompts[1]), b.score(prompts[1]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quantization", [pytest.param("int8", marks=pytest.mark.slow), "w8a8"])
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
 def test_fused_projections_keep_quantized_logits(make_tiny_engine, quantization):
     """Quantized weights fuse too (the default on one device): each output column keeps its own
     scale, so fused and separate weights give the same logits and tokens."""
@@ -170,11 +174,11 @@ def test_fused_projections_keep_quantized_logits(make_tiny_engine, quantization)
             == [o.token_ids for o in plain.generate(prompts, max_new_tokens=8)])
 
 
-# The default run keeps the separate (3-D) weights with the weight-only kernel; the rest is slow.
+# Every int8 engine of the default run uses the layout its CPU resolves to ("nk" without
+# AVX-512), and the kernels' own tests cover both layouts; the cross-layout check is slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization,fuse", [
-    ("int8", False), pytest.param("int8", True, marks=pytest.mark.slow),
-    pytest.param("w8a8", False, marks=pytest.mark.slow),
-    pytest.param("w8a8", True, marks=pytest.mark.slow)])
+    ("int8", False), ("int8", True), ("w8a8", False), ("w8a8", True)])
 def test_int8_weight_layouts_give_the_same_model(make_tiny_engine, tmp_path, quantization, fuse):
     """int8_weight_layout="nk" stores every quantized layer weight (and an untied LM head)
     output channels first: each is the transpose of the "kn" weight, with the same scales; w8a8

@@ -12,6 +12,9 @@ def _greedy(engine, prompts, n):
     return [o.token_ids for o in engine.generate(prompts, max_new_tokens=n)]
 
 
+# The kernels themselves are checked against references in interpret mode by default
+# (tests/model/test_kernels.py); the whole engine on them runs with -m slow.
+@pytest.mark.slow
 def test_pallas_interpret_engine_equals_xla_engine_tiny(make_tiny_engine):
     kwargs = dict(num_pages=64, page_size=4, prefill_chunk=16, decode_steps=3, max_num_seqs=2)
     prompts = [[5, 9, 2, 7], [5, 9, 3, 7] * 10]  # 4 and 40 tokens: the long one is chunked
