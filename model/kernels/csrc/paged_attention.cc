@@ -16,7 +16,9 @@
 // output zeros, as in model/kernels/reference.py. Float sums run in another order than XLA's:
 // results agree to float rounding, not bits.
 //
-// Plain loops that the compiler vectorizes (-O3 -march=native): one source for every CPU.
+// Plain loops that the compiler vectorizes (-O3 -march=native) serve every CPU; pages without a
+// logit soft-cap take register paths with AVX-512 (pages of 16 keys) or AVX2 + FMA (pages of a
+// multiple of 8 keys) for the common head sizes.
 
 #include <algorithm>
 #include <cmath>
@@ -26,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -205,6 +207,129 @@ PageFn<T> page_fn(int64_t H) {
 }
 #endif
 
+#if !XLRT_ATTN_AVX512 && defined(__AVX2__) && defined(__FMA__) && !defined(XLRT_FORCE_GENERIC)
+#define XLRT_ATTN_AVX2 1
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Lane i of the result = the sum of the 8 lanes of v[i] (two rounds of hadd, then the halves).
+inline __m256 reduce8(const __m256 v[8]) {
+  const __m256 y0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 y1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(y0, y1, 0x20), _mm256_permute2f128_ps(y0, y1, 0x31));
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+inline float hmax8(__m256 v) {
+  const __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_max_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// exp(x) for x <= 0 lanes: exp_shifted's polynomial; 2^k built in the exponent bits.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// One page (a multiple of 8 keys) for R query rows with head_dim 8 * C, AVX2: 8 keys at a time,
+// their scores out of one reduce8 tree, masking and exp on whole vectors, and the row's weighted
+// values accumulated in C registers, stored once per 8 keys.
+template <typename T, int C>
+void page_avx2(const float* q, const T* kp, const T* vp, const float* ks, const float* vs,
+               int64_t R, int64_t n, int64_t base, const int32_t* rpos, int64_t window,
+               float* m, float* l, float* acc) {
+  constexpr int64_t H = 8 * C;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, n - i0);
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(cnt)), lane);
+    const __m256i pos = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base + i0)), lane);
+    const __m256 kscale = ks ? _mm256_maskload_ps(ks + i0, valid) : _mm256_set1_ps(1.0f);
+    const __m256 vscale = vs ? _mm256_maskload_ps(vs + i0, valid) : _mm256_set1_ps(1.0f);
+    const T* kg = kp + i0 * H;
+    const T* vg = vp + i0 * H;
+    for (int64_t r = 0; r < R; ++r) {
+      const __m256i qp = _mm256_set1_epi32(rpos[r]);
+      __m256i vis = _mm256_andnot_si256(_mm256_cmpgt_epi32(pos, qp), valid);  // pos <= qp
+      if (window > 0)  // qp - pos < window
+        vis = _mm256_and_si256(vis, _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(static_cast<int32_t>(window)), _mm256_sub_epi32(qp, pos)));
+      if (_mm256_testz_si256(vis, vis)) continue;
+      const float* qr = q + r * H;
+      __m256 part[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        __m256 dot = _mm256_setzero_ps();
+        if (i < cnt)
+          for (int c = 0; c < C; ++c)
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), load8(kg + i * H + 8 * c), dot);
+        part[i] = dot;
+      }
+      const __m256 vmask = _mm256_castsi256_ps(vis);
+      const __m256 sc = _mm256_blendv_ps(neg_inf, _mm256_mul_ps(reduce8(part), kscale), vmask);
+      const float m_new = std::max(m[r], hmax8(sc));
+      const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);
+      m[r] = m_new;
+      const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))), vmask);
+      l[r] = l[r] * alpha + hsum8(e);
+      alignas(32) float w[8];
+      _mm256_store_ps(w, _mm256_mul_ps(e, vscale));
+      __m256 a[C];
+      const __m256 al = _mm256_set1_ps(alpha);
+      for (int c = 0; c < C; ++c) a[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * H + 8 * c), al);
+      for (int64_t i = 0; i < cnt; ++i) {
+        if (w[i] == 0.0f) continue;
+        const __m256 wi = _mm256_set1_ps(w[i]);
+        for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(wi, load8(vg + i * H + 8 * c), a[c]);
+      }
+      for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * H + 8 * c, a[c]);
+    }
+  }
+}
+
+template <typename T>
+using PageFn = void (*)(const float*, const T*, const T*, const float*, const float*, int64_t,
+                        int64_t, int64_t, const int32_t*, int64_t, float*, float*, float*);
+
+// The register path for this head_dim, else null.
+template <typename T>
+PageFn<T> page_fn(int64_t H) {
+  switch (H) {
+    case 16: return page_avx2<T, 2>;
+    case 24: return page_avx2<T, 3>;
+    case 32: return page_avx2<T, 4>;
+    case 48: return page_avx2<T, 6>;
+    case 64: return page_avx2<T, 8>;
+    case 96: return page_avx2<T, 12>;
+    case 128: return page_avx2<T, 16>;
+    default: return nullptr;
+  }
+}
+#else
+#define XLRT_ATTN_AVX2 0
+#endif
+
 struct Shape {
   int64_t B, T, N, H;      // queries [B, T, N, H]
   int64_t L, KVH, P, PS;   // cache [L, KVH, P, PS, H]
@@ -260,6 +385,9 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
 #if XLRT_ATTN_AVX512
   // Pages of 16 tokens without a logit soft-cap take the register path.
   const PageFn<T> fast = PS == 16 && a.softcap <= 0.0f ? page_fn<T>(H) : nullptr;
+#elif XLRT_ATTN_AVX2
+  // AVX2: pages of a multiple of 8 tokens without a logit soft-cap.
+  const PageFn<T> fast = PS % 8 == 0 && a.softcap <= 0.0f ? page_fn<T>(H) : nullptr;
 #endif
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t page = a.page_table[b * d.W + p];
@@ -277,7 +405,7 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
         __builtin_prefetch(nv + off);
       }
     }
-#if XLRT_ATTN_AVX512
+#if XLRT_ATTN_AVX512 || XLRT_ATTN_AVX2
     if (fast) {
       fast(qr.data(), kp, vp, ks, vs, R, n, base, rpos.data(), a.window, m, l, acc);
       continue;
