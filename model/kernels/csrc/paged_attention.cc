@@ -58,6 +58,12 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<float>(x[i]);
 }
 
+// A register path for one page: (q, k page, v page, k scales, v scales, rows, keys, first
+// position, row positions, window, m, l, acc), as page_avx512 and page_avx2 below.
+template <typename T>
+using PageFn = void (*)(const float*, const T*, const T*, const float*, const float*, int64_t,
+                        int64_t, int64_t, const int32_t*, int64_t, float*, float*, float*);
+
 #if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #define XLRT_ATTN_AVX512 1
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -185,10 +191,6 @@ void page_avx512(const float* q, const T* kp, const T* vp, const float* ks, cons
   }
 }
 
-template <typename T>
-using PageFn = void (*)(const float*, const T*, const T*, const float*, const float*, int64_t,
-                        int64_t, int64_t, const int32_t*, int64_t, float*, float*, float*);
-
 // The register path for this head_dim (a multiple of 16 up to 128, or 256), else null.
 template <typename T>
 PageFn<T> page_fn(int64_t H) {
@@ -307,10 +309,6 @@ void page_avx2(const float* q, const T* kp, const T* vp, const float* ks, const 
     }
   }
 }
-
-template <typename T>
-using PageFn = void (*)(const float*, const T*, const T*, const float*, const float*, int64_t,
-                        int64_t, int64_t, const int32_t*, int64_t, float*, float*, float*);
 
 // The register path for this head_dim, else null.
 template <typename T>
