@@ -302,7 +302,7 @@ def kernel_attention(case, layer, target=cpu_ffi.ATTENTION_TARGET, **kwargs):
     return fn(case, layer)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 4), query_len=st.integers(1, 3), kv_heads=st.integers(1, 3),
        group=st.integers(1, 3), head_dim=st.sampled_from([16, 24, 64, 128]),
        page_size=st.sampled_from([8, 16]), width=st.integers(1, 40), int8=st.booleans(),

@@ -237,7 +237,7 @@ def test_ragged_paged_attention_reads_one_layer_of_a_stacked_cache(platform):
         fn(q, k_cache, v_cache, *index)
 
 
-@settings(max_examples=6, **PROFILE)  # and the explicit examples below
+@settings(max_examples=4, **PROFILE)  # and the explicit examples below
 @given(paged_cases())
 @example(paged_case(6, b=3, kvh=3, g=3, h=16, t=1, page_size=16, pages_per_seq=4,
                     kv_lens=[0, 17, 64], dtype="float32", sliding_window=None,

@@ -68,10 +68,10 @@ def test_w8a8_matmul_error_bound_and_rows_independent(transpose_w):
                                x @ wf.T if transpose_w else x @ wf, rtol=1e-5, atol=1e-3)
 
 
-# Teacher-forced top-1 agreement with the float32 model over all positions of the two longest
-# golden prompts (37 and 245 tokens). Measured: int8 0.947, w8a8 0.879; over all six prompts
-# int8 0.944, w8a8 0.801 (per-row activation scales are coarse where SmolLM2's hidden states have
-# outlier channels; see docs/SERVING.md).
+# Teacher-forced top-1 agreement with the float32 model over all positions of the longest golden
+# prompt (245 tokens). Measured: w8a8 0.873; over the two longest (37 and 245 tokens) int8 0.947,
+# w8a8 0.879; over all six prompts int8 0.944, w8a8 0.801 (per-row activation scales are coarse
+# where SmolLM2's hidden states have outlier channels; see docs/SERVING.md).
 AGREEMENT = {"int8": 0.9, "w8a8": 0.75}
 
 
@@ -85,7 +85,7 @@ def test_quantized_default_model_tracks_float(smollm2_engine, golden_cases, quan
     # Every block matmul (q|k|v, o, gate|up, down: fused on one device) and the tied LM head.
     assert len(leaves) == 30 * 4 + 1
     agree, total = 0, 0
-    for case in [c for c in golden_cases if len(c["input_ids"]) >= 30]:
+    for case in [max(golden_cases, key=lambda c: len(c["input_ids"]))]:
         ref = smollm2_engine.score(case["input_ids"]).argmax(-1)
         got = eng.score(case["input_ids"]).argmax(-1)
         agree, total = agree + int((ref == got).sum()), total + len(ref)
