@@ -160,6 +160,9 @@ def test_used_only_where_it_should_be(targets):
         assert not cpu_ffi.use_weight_only_matmul(1, jnp.float32)
 
 
+# The kernel itself is checked against XLA's dot by default (test_weight_only_matches_xla);
+# the whole model on it runs with -m slow.
+@pytest.mark.slow
 def test_weight_only_model_tracks_xla(make_tiny_engine, targets):
     """Weight-only int8 decode through the kernel: the logits of XLA's path to float rounding,
     and the same greedy tokens, alone and batched."""

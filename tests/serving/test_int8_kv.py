@@ -127,6 +127,9 @@ INT8_ENGINE = dict(num_pages=64, page_size=4, prefill_chunk=16, decode_steps=3, 
 PROMPTS = [[5, 9, 2, 7], [5, 9, 3, 7] * 10]  # 4 and 40 tokens: the long one is chunked
 
 
+# The int8 cache's attention is checked against the reference by default (tests/model); the
+# engine-level batch invariance runs with -m slow.
+@pytest.mark.slow
 def test_engine_int8_alone_equals_batched(make_tiny_engine):
     eng = make_tiny_engine(**INT8_ENGINE)
     batched = [o.token_ids for o in eng.generate(PROMPTS, max_new_tokens=6)]
