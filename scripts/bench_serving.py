@@ -36,17 +36,20 @@ from serving import cli  # noqa: E402
 
 # ==================================================================== prompts
 def make_prompts(tokenizer, n: int, input_len: int, ratio: float, seed: int,
-                 as_ids: bool) -> list:
+                 as_ids: bool, prefix_len: int = 0, prefix_seed: int = 0) -> list:
     """n prompts of about input_len tokens (uniform in [len*(1-ratio), len*(1+ratio)]): random
-    ordinary vocabulary tokens; as text (decoded) or as token ids."""
+    ordinary vocabulary tokens; as text (decoded) or as token ids. With prefix_len, every prompt
+    starts with the same prefix_len random tokens (drawn from prefix_seed), like a shared system
+    prompt, followed by its own input_len tokens."""
     import numpy as np
     rng = np.random.default_rng(seed)
     lo, hi = max(1, int(input_len * (1 - ratio))), max(1, int(input_len * (1 + ratio)))
     special = set(tokenizer.backend.get_added_tokens_decoder()) | set(tokenizer.eos_ids)
     vocab = [i for i in range(tokenizer.vocab_size) if i not in special]
+    prefix = np.random.default_rng([prefix_seed, 7]).choice(vocab, prefix_len).tolist()
     prompts = []
     for _ in range(n):
-        ids = rng.choice(vocab, int(rng.integers(lo, hi + 1))).tolist()
+        ids = prefix + rng.choice(vocab, int(rng.integers(lo, hi + 1))).tolist()
         if as_ids:
             prompts.append(ids)
         else:  # re-encoding decoded text can change the count a little; usage reports the real one
@@ -90,7 +93,8 @@ async def one_request(http, url: str, headers: dict, body: dict) -> dict:
     return {"ok": True, "ttft": ttft, "e2e": e2e,
             "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])],
             "tpot": (e2e - ttft) / (out_tokens - 1) if out_tokens > 1 else None,
-            "output_tokens": out_tokens, "prompt_tokens": (usage or {}).get("prompt_tokens")}
+            "output_tokens": out_tokens, "prompt_tokens": (usage or {}).get("prompt_tokens"),
+            "cached_tokens": ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
 # ==================================================================== the run
@@ -102,7 +106,8 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
     return rng.gamma(burstiness, 1.0 / (rate * burstiness), n).tolist()
 
 
-async def run_load(args, prompts: list, on_done=None) -> tuple[list[dict], float]:
+async def run_load(args, prompts: list, warmup_prompts: list,
+                   on_done=None) -> tuple[list[dict], float]:
     import httpx
     url = args.base_url.rstrip("/") + ("/chat/completions" if args.endpoint == "chat"
                                        else "/completions")
@@ -125,8 +130,11 @@ async def run_load(args, prompts: list, on_done=None) -> tuple[list[dict], float
                 on_done(result)
             return result
 
-        # Warm-up at the same concurrency, so the server compiles its batch shapes first.
-        await asyncio.gather(*(go(prompts[i % len(prompts)]) for i in range(args.warmup_requests)))
+        # Warm-up at the same concurrency, so the server compiles its batch shapes first. Its
+        # prompts differ from the measured ones (unless --warmup-reuse-prompts), so a server's
+        # prompt cache cannot skip the measured prefills.
+        await asyncio.gather(*(go(warmup_prompts[i % len(warmup_prompts)])
+                               for i in range(args.warmup_requests)))
         tasks = []
         start = time.perf_counter()
         for prompt, gap in zip(prompts, arrival_gaps(len(prompts), args.request_rate,
@@ -151,11 +159,14 @@ def summarize(results: list[dict], duration: float) -> dict:
                 **{f"p{p}": round(float(np.percentile(v, p)), 3) for p in (50, 90, 99)}}
     out_tokens = sum(r["output_tokens"] for r in ok)
     in_tokens = sum(r["prompt_tokens"] or 0 for r in ok)
+    cached = [r["cached_tokens"] for r in ok if r.get("cached_tokens") is not None]
     errors = [r["error"] for r in results if not r["ok"]]
     return {
         "completed": len(ok), "failed": len(errors), "errors_sample": errors[:5],
         "duration_s": round(duration, 3),
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        # prompt tokens the server reported as served from its prefix cache (None: not reported)
+        "total_cached_tokens": sum(cached) if cached else None,
         "request_throughput": round(len(ok) / duration, 3),
         "output_throughput": round(out_tokens / duration, 2),
         "total_token_throughput": round((in_tokens + out_tokens) / duration, 2),
@@ -200,7 +211,7 @@ async def soak(args, prompts: list) -> dict:
         m = scrape(args.base_url, args.api_key)
         return None if m is None else m.get("process_resident_memory_bytes")
     rss_start = await asyncio.to_thread(current_rss)
-    results, duration = await run_load(args, prompts, on_done)
+    results, duration = await run_load(args, prompts, args.warmup_prompts, on_done)
     pages, deadline = None, time.time() + 30
     while time.time() < deadline:
         m = await asyncio.to_thread(scrape, args.base_url, args.api_key)
@@ -236,6 +247,8 @@ def main(args) -> int:
     args.num_requests = args.num_requests or 200
     if args.num_requests <= 0 or args.input_len <= 0 or args.output_len <= 0:
         raise cli.CLIError("--num-requests, --input-len and --output-len must be positive")
+    if args.shared_prefix_len < 0:
+        raise cli.CLIError(f"--shared-prefix-len must be >= 0, got {args.shared_prefix_len}")
     if not 0 <= args.random_range_ratio < 1:
         raise cli.CLIError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
     if args.request_rate <= 0 or args.burstiness <= 0:
@@ -251,17 +264,26 @@ def main(args) -> int:
                                f"({e}); pass --model") from None
     tokenizer = load_checkpoint(args.tokenizer).tokenizer
     prompts = make_prompts(tokenizer, args.num_requests, args.input_len, args.random_range_ratio,
-                           args.seed, as_ids=args.prompt_ids)
+                           args.seed, as_ids=args.prompt_ids, prefix_len=args.shared_prefix_len,
+                           prefix_seed=args.seed)
+    if args.warmup_reuse_prompts:
+        args.warmup_prompts = prompts
+    else:
+        args.warmup_prompts = make_prompts(
+            tokenizer, max(1, args.warmup_requests), args.input_len, args.random_range_ratio,
+            args.seed + 1_000_003, as_ids=args.prompt_ids, prefix_len=args.shared_prefix_len,
+            prefix_seed=args.seed)
     config = {k: getattr(args, k) for k in ("base_url", "model", "endpoint", "num_requests",
                                             "max_concurrency", "request_rate", "burstiness",
                                             "input_len", "random_range_ratio", "output_len",
-                                            "prompt_ids", "warmup_requests")}
+                                            "prompt_ids", "warmup_requests", "warmup_reuse_prompts",
+                                            "shared_prefix_len")}
     config["request_rate"] = str(config["request_rate"])
     if args.soak:
         report = asyncio.run(soak(args, prompts))
         code = 0 if report["passed"] else 1
     else:
-        results, duration = asyncio.run(run_load(args, prompts))
+        results, duration = asyncio.run(run_load(args, prompts, args.warmup_prompts))
         report = summarize(results, duration)
         code = 0 if report["completed"] else 1
     report = {"config": config, **report}
@@ -296,6 +318,12 @@ if __name__ == "__main__":
     p.add_argument("--tokenizer", default="smollm2-135m-instruct",
                    help="model name or path whose tokenizer makes the prompts")
     p.add_argument("--warmup-requests", type=int, default=2, help="sent first (at the same concurrency), not measured")
+    p.add_argument("--warmup-reuse-prompts", action="store_true",
+                   help="warm up with the measured prompts themselves (by default the warm-up "
+                        "prompts are different ones, so no prompt cache can skip measured prefills)")
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="every prompt (warm-up ones too) starts with the same this many random "
+                        "tokens, like a shared system prompt (exercises prefix caching)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--soak", action="store_true", help="soak run with checks (see above)")

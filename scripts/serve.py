@@ -38,7 +38,8 @@ def load_artifact_engine(args):
                            "scripts/export.py; drop the flags or re-export")
     try:
         engine = ArtifactEngine.load(args.model, max_num_seqs=args.max_num_seqs,
-                                     max_waiting=args.max_waiting, max_seq_len=args.max_model_len)
+                                     max_waiting=args.max_waiting, max_seq_len=args.max_model_len,
+                                     enable_prefix_caching=args.enable_prefix_caching)
         if args.warmup:
             n = engine.warmup()
             logging.getLogger("xlrt.serve").info("warm-up done: %s programs", n)
@@ -81,7 +82,8 @@ def main(args) -> int:
         max_seq_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
         max_num_seqs=args.max_num_seqs or 32, max_waiting=args.max_waiting,
         decode_steps=args.decode_steps, quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype, progress=True)
+        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.enable_prefix_caching,
+        progress=True)
     if args.warmup:
         manifest = engine.warmup(progress=True)
         logging.getLogger("xlrt.serve").info("warm-up done: %s programs",
@@ -119,6 +121,7 @@ if __name__ == "__main__":
                         "(int8 x int8 matmuls)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (the compute dtype) or int8 (per-token scales)")
+    cli.add_prefix_caching_flag(p)
     p.add_argument("--warmup", action="store_true",
                    help="compile every serving program before accepting traffic")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20,

@@ -53,7 +53,8 @@ class ArtifactEngine(RequestFrontEnd):
     HTTP server uses (make_request, add_request, step, abort, scheduler, allocator, tokenizer)."""
 
     def __init__(self, artifact: Artifact, *, max_num_seqs: int | None = None,
-                 max_waiting: int = 1024, max_seq_len: int | None = None):
+                 max_waiting: int = 1024, max_seq_len: int | None = None,
+                 enable_prefix_caching: bool = True):
         manifest = artifact.manifest
         largest = max(artifact.rows)
         max_num_seqs = largest if max_num_seqs is None else max_num_seqs
@@ -79,7 +80,8 @@ class ArtifactEngine(RequestFrontEnd):
         self.allocator = PageAllocator(manifest["num_pages"])
         self.scheduler = Scheduler(self.allocator, self.page_size, max_num_seqs=max_num_seqs,
                                    max_waiting=max_waiting, prefill_chunk=max(artifact.lengths),
-                                   max_prefill_seqs=largest, decode_steps=1)
+                                   max_prefill_seqs=largest, decode_steps=1,
+                                   prefix_caching=bool(enable_prefix_caching))
         self._k, self._v = artifact.new_cache()
         self._samplers: dict = {}
         self._sampling_batch, self._sampling_tensors = None, None
@@ -91,7 +93,7 @@ class ArtifactEngine(RequestFrontEnd):
     @classmethod
     def load(cls, directory: str, platform: str | None = None, **kwargs) -> "ArtifactEngine":
         """Verify and load the artifact in `directory`; kwargs: max_num_seqs, max_waiting,
-        max_seq_len (each at most what the artifact was exported for)."""
+        max_seq_len (each at most what the artifact was exported for), enable_prefix_caching."""
         return cls(load(directory, platform), **kwargs)
 
     def warmup(self) -> int:

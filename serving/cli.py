@@ -68,7 +68,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="KV cache storage: auto (the compute dtype) or int8 (a float32 scale "
                         "per token and kv head; ~3.5-4x the pages of float32 per GiB)")
+    add_prefix_caching_flag(p)
     add_int8_weight_layout_flag(p)
+
+
+def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
+    """--enable-prefix-caching / --no-enable-prefix-caching (Engine enable_prefix_caching)."""
+    p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
+                   help="reuse the KV cache pages of prompt prefixes computed before (requests "
+                        "sharing a system prompt, multi-turn chats, retries) instead of "
+                        "prefilling them again")
 
 
 def add_int8_weight_layout_flag(p: argparse.ArgumentParser) -> None:
@@ -88,7 +97,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """Engine.from_pretrained keyword arguments from add_model_flags/add_engine_flags flags."""
     kwargs = dict(dtype=args.dtype, attention=args.attention, rules=args.rules)
     for name in ("kv_cache_gb", "num_pages", "page_size", "max_num_seqs", "quantization",
-                 "kv_cache_dtype"):
+                 "kv_cache_dtype", "enable_prefix_caching"):
         if hasattr(args, name):
             kwargs[name] = getattr(args, name)
     if hasattr(args, "int8_weight_layout"):

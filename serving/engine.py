@@ -57,6 +57,7 @@ class GenerationOutput:
     ttft_s: float = 0.0          # arrival to first token, seconds
     e2e_s: float = 0.0           # arrival to finish, seconds
     num_preemptions: int = 0
+    num_cached_tokens: int = 0   # prompt tokens served from the prefix cache (not prefilled)
 
 
 @dataclasses.dataclass
@@ -85,7 +86,8 @@ class Engine(RequestFrontEnd):
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
                  kv_cache_dtype: str = "auto", fuse_projections: bool | None = None,
-                 int8_weight_layout: str | None = None, progress: bool = False):
+                 int8_weight_layout: str | None = None, enable_prefix_caching: bool = True,
+                 progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -182,7 +184,8 @@ class Engine(RequestFrontEnd):
                                   *self._kv_sharding(num_pages))
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs=max_num_seqs,
                                    max_waiting=max_waiting, prefill_chunk=prefill_chunk,
-                                   max_prefill_seqs=max_prefill_seqs, decode_steps=decode_steps)
+                                   max_prefill_seqs=max_prefill_seqs, decode_steps=decode_steps,
+                                   prefix_caching=bool(enable_prefix_caching))
         self._programs: dict = {}
         self._lock = threading.RLock()
         self._request_counter = 0
@@ -361,7 +364,13 @@ class Engine(RequestFrontEnd):
             request_id=req.request_id,
             ttft_s=(req.first_token_time or req.arrival) - req.arrival,
             e2e_s=(req.finish_time or time.perf_counter()) - req.arrival,
-            num_preemptions=req.num_preemptions)
+            num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (call it after changing self.params: cached pages hold
+        keys/values of the old weights); returns how many free pages it dropped."""
+        with self._lock:
+            return self.allocator.clear_cache()
 
     @staticmethod
     def _stable_text(req: Request) -> str:

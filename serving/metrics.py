@@ -81,6 +81,8 @@ class _SnapshotCollector:
             ("xlrt:kv_pages_total", "KV cache pages in the cache", "kv_pages_total"),
             ("xlrt:kv_cache_usage_perc", "Fraction of KV cache pages in use (0..1)",
              "kv_cache_usage"),
+            ("xlrt:kv_pages_cached", "Free KV cache pages still holding a reusable prefix",
+             "kv_pages_cached"),
         ]
         for name, doc, key in gauges:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
@@ -91,6 +93,10 @@ class _SnapshotCollector:
              "compilations_since_start"),
             ("xlrt:num_preemptions", "Requests preempted (pages freed, recomputed later)",
              "num_preemptions"),
+            ("xlrt:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+             "prefix_cache_queries"),
+            ("xlrt:prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
+             "prefix_cache_hits"),
         ]
         for name, doc, key in counters:
             c = CounterMetricFamily(name, doc, labels=["model_name"])

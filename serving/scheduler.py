@@ -4,6 +4,11 @@ Pure host logic (no JAX): the Engine asks `schedule()` what to run next, runs th
 programs, and reports results back with `record_prefill` / `record_tokens`. Requests join
 between steps and leave as soon as they finish; when KV pages run out, the most recently admitted
 request is preempted (its pages are freed and it is recomputed later), never failed.
+
+With prefix caching on, every page filled with computed tokens is registered under a key naming
+its whole token prefix; a request admitted later whose tokens start with the same full pages
+shares those pages and prefills only the rest (a preempted request reuses its own pages the same
+way when they were not evicted meanwhile).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import enum
 import itertools
 import time
 
-from serving.kv_pages import PageAllocator, pages_needed
+from serving.kv_pages import PageAllocator, pages_needed, prefix_keys
 from serving.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
 
 
@@ -57,6 +62,9 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0   # prompt tokens found in the prefix cache at (first) admission
+    page_keys: list = dataclasses.field(default_factory=list, repr=False)  # prefix keys, full pages
+    num_registered: int = 0      # leading pages registered in the prefix cache
     first_token_time: float | None = None
     finish_time: float | None = None
     text: str = ""               # detokenized output (stop string removed when finished by it)
@@ -99,7 +107,8 @@ class Scheduler:
     per step, so long prompts (chunked) interleave with running streams."""
 
     def __init__(self, allocator: PageAllocator, page_size: int, *, max_num_seqs: int,
-                 max_waiting: int, prefill_chunk: int, max_prefill_seqs: int, decode_steps: int):
+                 max_waiting: int, prefill_chunk: int, max_prefill_seqs: int, decode_steps: int,
+                 prefix_caching: bool = True):
         self.allocator = allocator
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -111,6 +120,9 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_caching = prefix_caching
+        self.prefix_queried_tokens = 0  # prompt tokens looked up at first admissions
+        self.prefix_hit_tokens = 0      # of those, found in the cache
 
     # ------------------------------------------------------------------ queue
     def add(self, request: Request) -> None:
@@ -135,6 +147,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req.status is Status.RUNNING:
             self.running.remove(req)
+        self._register(req)
         self.allocator.free(req.pages)
         req.pages = []
         req.status = Status.FINISHED
@@ -161,21 +174,57 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Free req's pages; it goes back to the front of the queue and is recomputed later."""
         self.running.remove(req)
+        self._register(req)  # its recompute can find these pages again if not evicted meanwhile
         self.allocator.free(req.pages)
         req.pages = []
         req.num_computed = 0
+        req.num_registered = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ planning
+    def _reuse_cached(self, req: Request) -> None:
+        """Start req with the cached pages of its longest cached prefix of full pages. At least
+        one token stays to compute when the request has no output yet: its logits give the
+        first token."""
+        computable = req.prefill_target - (0 if req.output_ids else 1)
+        n = computable // self.page_size
+        req.page_keys = prefix_keys(req.tokens, self.page_size, n, req.page_keys)
+        req.pages = self.allocator.acquire_cached(req.page_keys[:n])
+        req.num_registered = len(req.pages)
+        req.num_computed = len(req.pages) * self.page_size
+
+    def _register(self, req: Request) -> None:
+        """Register req's pages that are now full of computed tokens (of known ids: a decode
+        step's tokens count once they are appended; finish and preemption catch up)."""
+        if not self.prefix_caching:
+            return
+        full = min(req.num_computed, len(req.tokens)) // self.page_size
+        full = min(full, len(req.pages))
+        if full <= req.num_registered:
+            return
+        req.page_keys = prefix_keys(req.tokens, self.page_size, full, req.page_keys)
+        for i in range(req.num_registered, full):
+            self.allocator.register(req.pages[i], req.page_keys[i])
+        req.num_registered = full
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            first = req.num_preemptions == 0
+            if self.prefix_caching:
+                self._reuse_cached(req)
             # Reserve the whole prompt (+1 for the first decode) so chunked prefill never stalls.
             if not self._grow(req, len(req.tokens) + 1):
+                self.allocator.free(req.pages)  # give back shared pages; try again next step
+                req.pages, req.num_computed, req.num_registered = [], 0, 0
                 break
+            if first:
+                self.prefix_queried_tokens += len(req.prompt_ids)
+                self.prefix_hit_tokens += req.num_computed
+                req.num_cached_tokens = req.num_computed
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -210,9 +259,12 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     def record_prefill(self, chunk: PrefillChunk) -> None:
         chunk.request.num_computed = chunk.end
+        self._register(chunk.request)
 
     def record_decode(self, req: Request, num_fed: int) -> None:
+        """num_fed tokens were fed (their keys/values written)."""
         req.num_computed += num_fed
+        self._register(req)
 
 
 def prompt_ids(prompt, tokenizer, vocab_size: int) -> list[int]:

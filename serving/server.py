@@ -77,6 +77,7 @@ class Delta:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int         # all tokens so far
+    cached_tokens: int = 0         # prompt tokens served from the prefix cache
 
 
 @dataclasses.dataclass
@@ -271,7 +272,7 @@ class EngineLoop:
                     m.tpot.observe((req.finish_time - req.first_token_time) / (n - 1))
         self._deliver(t, Delta(list(new_ids), delta_text, lps,
                                req.finish_reason if req.finished else None, t.prompt_tokens,
-                               len(req.output_ids)))
+                               len(req.output_ids), req.num_cached_tokens))
 
     def _take_snapshot(self) -> dict:
         sched, alloc = self.engine.scheduler, self.engine.allocator
@@ -282,6 +283,9 @@ class EngineLoop:
             "kv_cache_usage": used / total if total else 0.0,
             "compilations_since_start": compile_counts().backend_compiles - self._compile_baseline,
             "num_preemptions": sched.num_preemptions,
+            "kv_pages_cached": alloc.num_cached,
+            "prefix_cache_queries": sched.prefix_queried_tokens,
+            "prefix_cache_hits": sched.prefix_hit_tokens,
             "prompt_tokens_total": self._totals["prompt_tokens"],
             "generation_tokens_total": self._totals["generation_tokens"],
             "requests_finished": self._totals["requests_finished"],
@@ -672,9 +676,11 @@ class _Tally:
         self.texts = texts  # per choice: the text so far (completions: after the echo)
         self.tokens = [0] * len(texts)
         self.reasons: list[str | None] = [None] * len(texts)
+        self.cached = 0  # prompt tokens found in the prefix cache (the most any choice found)
 
     def add(self, i: int, delta: Delta) -> None:
         self.tokens[i] = delta.completion_tokens
+        self.cached = max(self.cached, delta.cached_tokens)
         self.texts[i] += delta.text
         self.reasons[i] = delta.finish_reason or self.reasons[i]
 
@@ -685,7 +691,8 @@ class _Tally:
     def usage(self) -> dict:
         c = sum(self.tokens)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": c,
-                "total_tokens": self.prompt_tokens + c}
+                "total_tokens": self.prompt_tokens + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
 
 
 # ==================================================================== the app

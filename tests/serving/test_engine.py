@@ -35,6 +35,31 @@ def test_alone_equals_batched_with_31_others_across_preemption_and_chunking(make
     assert small.allocator.num_used == 0
 
 
+def test_prefix_cache_hits_give_the_same_tokens_as_full_prefills(make_tiny_engine):
+    eng = make_tiny_engine(page_size=4, prefill_chunk=16)
+    kw = dict(max_new_tokens=4, ignore_eos=True)
+    skw = dict(kw, temperature=0.8, top_k=20, seed=3)
+    prompt = list(range(1, 15))  # 14 tokens: 3 full pages
+    cold = eng.generate(prompt, **kw)[0]
+    turn2 = prompt + cold.token_ids + [3, 4]
+    eng.scheduler.prefix_caching = False  # references: full prefills, nothing registered
+    ref_turn2 = eng.generate(turn2, **kw)[0].token_ids
+    ref_sampled = [o.token_ids for o in eng.generate([prompt, [9, 9]], **skw)]
+    eng.scheduler.prefix_caching = True
+    warm = eng.generate(prompt, **kw)[0]
+    assert (cold.num_cached_tokens, warm.num_cached_tokens) == (0, 12)
+    assert warm.token_ids == cold.token_ids
+    # A second turn: the first turn's prompt and fed output tokens are cached (14 + 3 = 17).
+    hit = eng.generate(turn2, **kw)[0]
+    assert hit.num_cached_tokens == 16 and hit.token_ids == ref_turn2
+    # Sampled requests with a cached prefix keep their seeds' outputs, in a batch too.
+    got = eng.generate([prompt, [9, 9]], **skw)
+    assert got[0].num_cached_tokens == 12 and [o.token_ids for o in got] == ref_sampled
+    assert eng.reset_prefix_cache() > 0
+    assert eng.generate(prompt, **kw)[0].num_cached_tokens == 0
+    assert eng.allocator.num_used == 0
+
+
 def test_sampled_requests_reproduce_with_seed_in_any_batch(make_tiny_engine):
     eng = make_tiny_engine()
     kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, ignore_eos=True)

@@ -107,6 +107,22 @@ def test_completion_greedy_equals_engine_generate_with_usage(tiny_server, client
     assert r.object == "text_completion" and r.model == MODEL
 
 
+def test_repeated_prompt_is_served_from_the_prefix_cache(tiny_server, client):
+    prompt = list(range(20, 60))  # 40 tokens: 2 full pages of 16 can be reused
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    cold = client.completions.create(**kw)
+    warm = client.completions.create(**kw)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens == 32
+    assert warm.choices[0].text == cold.choices[0].text
+    text = httpx.get(tiny_server.url + "/metrics").text
+    hits = float(re.search(r'^xlrt:prefix_cache_hits_total\{[^}]*\} (\S+)$', text, re.M)[1])
+    queries = float(re.search(r'^xlrt:prefix_cache_queries_total\{[^}]*\} (\S+)$', text, re.M)[1])
+    assert hits >= 32 and queries >= 80
+    assert re.search(r'^xlrt:kv_pages_cached\{[^}]*\} [1-9]', text, re.M)
+
+
 def test_completion_text_prompt_stream_with_usage_equals_non_stream(tiny_server, client):
     kw = dict(model=MODEL, prompt="hello there", max_tokens=10, temperature=0,
               extra_body={"ignore_eos": True})
