@@ -75,8 +75,11 @@ def test_w8a8_matmul_error_bound_and_rows_independent(transpose_w):
 AGREEMENT = {"int8": 0.9, "w8a8": 0.75}
 
 
-# int8 weight-only is the older, slower-to-serve mode: its check runs with -m slow.
-@pytest.mark.parametrize("quantization", [pytest.param("int8", marks=pytest.mark.slow), "w8a8"])
+# Both load, quantize and run the real model (about 35 s each): -m slow. The default run checks
+# the quantized paths on the tiny model (tests/model/test_cpu_kernels.py, tests/serving/
+# test_engine.py) and the w8a8 matmul's error bound above.
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
 def test_quantized_default_model_tracks_float(smollm2_engine, golden_cases, quantization):
     from serving import Engine
     eng = Engine.from_pretrained("smollm2-135m-instruct", dtype="float32", attention="xla",

@@ -23,12 +23,13 @@ def _prompts(n, vocab=256, seed=0):
 
 def test_alone_equals_batched_with_31_others_across_preemption_and_chunking(make_tiny_engine):
     prompts = _prompts(32)
-    eng = make_tiny_engine(page_size=4, max_num_seqs=32, num_pages=1 + 32 * 16,
-                           prefill_chunk=16)
-    alone = [eng.generate(p, max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts[:4]]
     # A cache too small for 32 sequences at once: preemption (recompute) and chunked prefill.
     small = make_tiny_engine(page_size=4, max_num_seqs=32, num_pages=60, prefill_chunk=16)
+    alone = [small.generate(p, max_new_tokens=12, ignore_eos=True)[0].token_ids
+             for p in prompts[:4]]
+    # In the batch the four prompts above also find their pages in the prefix cache.
     outs = small.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert outs[0].num_cached_tokens > 0 or len(prompts[0]) <= 4
     assert small.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs[:4]] == alone
     assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in outs)
