@@ -221,12 +221,16 @@ def ep_report(tmp_path_factory):
     return _run_ep_check(tmp_path_factory.mktemp("ep"), "logits")
 
 
+# The default run checks ep logits on these meshes in tests/sharding/test_ep_dispatch.py (with
+# the default all-to-all dispatch); this second 8-device interpreter (about 18 s) runs with -m slow.
+@pytest.mark.slow
 def test_expert_parallel_logits_match_one_device(ep_report):
     assert ep_report["devices"] == 8
     for case in ep_report["cases"]:
         assert case["max_diff"] <= 1e-4, case
 
 
+@pytest.mark.slow
 def test_expert_weights_are_split_over_the_expert_axis(ep_report):
     cases = {c["mesh"]: c for c in ep_report["cases"]}
     # stacked gate [layers, experts, embed, mlp]: 8 experts over expert=8 -> 1 per device

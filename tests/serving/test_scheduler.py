@@ -85,14 +85,11 @@ def _simulate_step(s: Scheduler):
             s.finish(r, "length")
 
 
-@settings(derandomize=True, max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]),
-                          st.integers(1, 30), st.integers(1, 20)), min_size=1, max_size=120),
-       st.booleans())
-def test_random_admit_finish_abort_never_leaks_pages(ops, prefix_caching):
-    # Prompts start at token 3 or 4: many share prefixes (and outputs are all 7s), so with
-    # prefix caching pages are shared, evicted and re-found all the time.
-    s = _scheduler(prefix_caching=prefix_caching)
+def _run_ops(s: Scheduler, ops) -> list[Request]:
+    """Apply (op, a, b) operations (add a request of a prompt and b output tokens, run a step,
+    abort a live request), checking the invariants after each; then drain. Prompts start at
+    token 3 or 4, so many share prefixes (and outputs are all 7s): with prefix caching, pages
+    are shared, evicted and found again all the time."""
     live = []
     for op, a, b in ops:
         if op == "add":
@@ -114,6 +111,16 @@ def test_random_admit_finish_abort_never_leaks_pages(ops, prefix_caching):
         _simulate_step(s)
     assert not s.has_work
     assert s.allocator.num_used == 0 and s.allocator.num_free == s.allocator.capacity
+    return live
+
+
+@settings(derandomize=True, max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]),
+                          st.integers(1, 30), st.integers(1, 20)), min_size=1, max_size=120),
+       st.booleans())
+def test_random_admit_finish_abort_never_leaks_pages(ops, prefix_caching):
+    s = _scheduler(prefix_caching=prefix_caching)
+    live = _run_ops(s, ops)
     assert all(r.finished for r in live)
     if not prefix_caching:
         assert s.prefix_hit_tokens == 0 and s.allocator.num_cached == 0
@@ -267,27 +274,13 @@ def test_prefix_cache_under_page_pressure_every_read_is_the_readers_own_tokens()
     every prefill and decode reads back exactly its own tokens from the fake cache, and every
     page comes back. (Hypothesis' small examples rarely reach eviction; these walks always do.)"""
     import random
-    evictions = 0
+    evictions = hits = 0
     for seed in range(40):
         rnd = random.Random(seed)
+        ops = [(rnd.choice(["add", "step", "step", "abort"]), rnd.randint(1, 30), rnd.randint(1, 20))
+               for _ in range(120)]
         s = _scheduler(prefix_caching=True)
-        live = []
-        for _ in range(120):
-            op, a, b = rnd.choice(["add", "step", "step", "abort"]), rnd.randint(1, 30), rnd.randint(1, 20)
-            if op == "add":
-                try:
-                    s.add(_request(a, b, first=3 + a % 2))
-                    live.append(s.waiting[-1])
-                except QueueFullError:
-                    pass
-            elif op == "abort" and live:
-                s.abort(live[a % len(live)].request_id)
-            else:
-                _simulate_step(s)
-        for _ in range(1000):
-            if not s.has_work:
-                break
-            _simulate_step(s)
-        assert not s.has_work and s.allocator.num_used == 0
+        _run_ops(s, ops)
         evictions += s.allocator.num_evictions
-    assert evictions > 400 and s.prefix_hit_tokens > 0
+        hits += s.prefix_hit_tokens
+    assert evictions > 400 and hits > 0
