@@ -147,9 +147,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req.status is Status.RUNNING:
             self.running.remove(req)
-        self._register(req)
-        self.allocator.free(req.pages)
-        req.pages = []
+        self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.finish_time = time.perf_counter()
@@ -174,11 +172,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Free req's pages; it goes back to the front of the queue and is recomputed later."""
         self.running.remove(req)
-        self._register(req)  # its recompute can find these pages again if not evicted meanwhile
-        self.allocator.free(req.pages)
-        req.pages = []
-        req.num_computed = 0
-        req.num_registered = 0
+        self._release(req)  # its recompute can find these pages again if not evicted meanwhile
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -195,6 +189,13 @@ class Scheduler:
         req.pages = self.allocator.acquire_cached(req.page_keys[:n])
         req.num_registered = len(req.pages)
         req.num_computed = len(req.pages) * self.page_size
+
+    def _release(self, req: Request) -> None:
+        """Register req's newly full pages, then drop its hold on all of them: it keeps no
+        pages and nothing computed."""
+        self._register(req)
+        self.allocator.free(req.pages)
+        req.pages, req.num_computed, req.num_registered = [], 0, 0
 
     def _register(self, req: Request) -> None:
         """Register req's pages that are now full of computed tokens (of known ids: a decode
@@ -218,8 +219,7 @@ class Scheduler:
                 self._reuse_cached(req)
             # Reserve the whole prompt (+1 for the first decode) so chunked prefill never stalls.
             if not self._grow(req, len(req.tokens) + 1):
-                self.allocator.free(req.pages)  # give back shared pages; try again next step
-                req.pages, req.num_computed, req.num_registered = [], 0, 0
+                self._release(req)  # give back the cached pages it took; try again next step
                 break
             if first:
                 self.prefix_queried_tokens += len(req.prompt_ids)
