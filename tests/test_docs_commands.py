@@ -405,7 +405,7 @@ SCALE: dict[str, Run | Skip] = {
     'python scripts/launch_local.py --num-processes 2 --devices-per-process 4 -- '
     'scripts/decode.py --mesh data=2,fsdp=2,tensor=2 --prompt "The capital of France is"':
         Run((("--prompt", "--max-new-tokens 4 --prompt"),)),
-    "python scripts/launch_local.py -n 2 -- -m pytest tests/sharding/test_sharding_rules.py":
+    "python scripts/launch_local.py -n 2 -- -m pytest -n 0 tests/sharding/test_sharding_rules.py":
         Run((("-m pytest", "-m pytest -q -p no:cacheprovider"),)),
     "srun --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 python scripts/train.py train "
     "--run-dir runs/big --mesh data=4,fsdp=8 --rules fsdp":
