@@ -103,10 +103,11 @@ class Decoder(nn.Module):
     fuse_projections: one q|k|v weight ("qkv") and one gate|up weight ("gate_up") per layer, so
       decode runs two wide GEMVs instead of five (float weights, unsharded serving; loaders from
       model.layers.fuse_projection_loaders). The math is the same; the params tree differs.
-    int8_nk: with int8 weights, store every layer's matmul weight (and an untied LM head) output
+    nk_weights: store every layer's matmul weight (and an untied LM head), int8 or float, output
       dims first, [N, K]: each output channel's weights lie contiguous, which the AVX2 CPU
-      kernels stream faster than [K, N] column ranges (docs/PERFORMANCE.md). Loaders from
-      model.quantize.int8_loaders with float_axes. Same math; transposed int8 params.
+      kernels stream faster than [K, N] (docs/PERFORMANCE.md). Loaders from
+      model.quantize.int8_loaders with float_axes (int8) or model.quantize.nk_loaders (float).
+      Same math; transposed params.
     """
 
     config: ModelConfig
@@ -117,7 +118,7 @@ class Decoder(nn.Module):
     weight_quant: str = "none"
     scan_layers: bool = True
     fuse_projections: bool = False
-    int8_nk: bool = False
+    nk_weights: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, *, segment_ids_bt=None, cache: KVCache | None = None,
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
         if self.remat_policy != "none":
             block = nn.remat(Block, policy=policy, prevent_cse=False)
         block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
-                      self.fuse_projections, self.int8_nk)
+                      self.fuse_projections, self.nk_weights)
         kv = None if cache is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
         if self.scan_layers:
             stack = nn.scan(
@@ -182,9 +183,9 @@ class Decoder(nn.Module):
         else:
             head_dv, head_scale = weight(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
                                          (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), (1,),
-                                         self.dtype, raw_int8=True, nk=self.int8_nk)
+                                         self.dtype, raw_int8=True, nk=self.nk_weights)
             logits = linear(x_btd, head_dv, weight_only=self.weight_quant == "int8",
-                            nk=self.int8_nk and self.weight_quant != "none")  # BTD,DV->BTV
+                            nk=self.nk_weights)  # BTD,DV->BTV
             logits = logits.astype(jnp.float32)
         logits = scaled(logits, head_scale)
         logits = constrain(logits, (BATCH, LENGTH, VOCAB))

@@ -55,18 +55,18 @@ def weight(module, name, init, shape, axes, scale_dims, compute_dtype, raw_int8:
     that only reach matmul_2d or a row gather) returns the int8 array itself, so matmul_2d runs
     the int8 x int8 dot (w8a8) or widens the weight where it multiplies (weight-only, with
     `weight_only=True`); MoE experts (grouped matmuls) keep the float cast.
-    `nk=True` (int8 only) stores the weight with its output dims first ([N, K] for the matmul:
-    each output channel's weights contiguous); pass the same `nk` to `linear`. `shape`, `axes`
-    and `scale_dims` always describe the [K, N] layout of the float weight.
+    `nk=True` stores the weight (float or int8) with its output dims first ([N, K] for the
+    matmul: each output channel's weights contiguous); pass the same `nk` to `linear`. `shape`,
+    `axes` and `scale_dims` always describe the [K, N] layout; the output dims are `scale_dims`.
     """
-    if module.weight_quant == "none":
-        w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
-        return w.astype(compute_dtype), None
     scale_shape = tuple(shape[i] for i in scale_dims)
     scale_axes = tuple(axes[i] for i in scale_dims)
     if nk:
         order = list(scale_dims) + [i for i in range(len(shape)) if i not in scale_dims]
         shape, axes = tuple(shape[i] for i in order), tuple(axes[i] for i in order)
+    if module.weight_quant == "none":
+        w = param_with_axes(module, name, init, shape, axes, module.param_dtype)
+        return w.astype(compute_dtype), None
     w = param_with_axes(module, name, nn.initializers.zeros, shape, axes, jnp.int8)
     scale = param_with_axes(module, name + "_scale", nn.initializers.ones, scale_shape, scale_axes,
                             jnp.float32)
@@ -89,6 +89,11 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
     weight_only float x2 times the int8 values (the weight's scale again the caller's)."""
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
     if w2.dtype != jnp.int8:
+        # Few float32 rows against [N, K] float32 weights on CPU: row dot products streamed in
+        # order (cpu_ffi.f32_gemv_nk).
+        if (transpose_w and x2.dtype == jnp.float32
+                and cpu_ffi.use_f32_gemv_nk(x2.shape[0], w2.dtype)):
+            return cpu_ffi.f32_gemv_nk(x2, w2)
         # Few float32 rows into a narrow output on CPU: split over K (cpu_ffi.f32_gemv).
         if (not transpose_w and x2.dtype == jnp.float32
                 and cpu_ffi.use_f32_gemv(x2.shape[0], w2.shape[1], w2.dtype)):
@@ -252,7 +257,7 @@ class Attention(nn.Module):
     attention_impl: str = "xla"
     weight_quant: str = "none"
     fuse_projections: bool = False  # one q|k|v weight "qkv" (unsharded serving)
-    int8_nk: bool = False  # int8 weights stored [N, K] (see weight(); decode on AVX2 CPUs)
+    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); decode on AVX2 CPUs)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
@@ -264,7 +269,7 @@ class Attention(nn.Module):
         init = nn.initializers.normal(stddev=d ** -0.5)
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
-        nk = self.int8_nk and self.weight_quant != "none"
+        nk = self.nk_weights
         # Parameters are declared in a fixed order (q, k, v, o): random init draws from it.
         if self.fuse_projections:  # one GEMV instead of three: faster memory-bound decode on CPU
             w_qkv, s_qkv = weight(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED), (1,),
@@ -339,14 +344,14 @@ class MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     weight_quant: str = "none"
     fuse_projections: bool = False  # one gate|up weight "gate_up" (unsharded serving)
-    int8_nk: bool = False  # int8 weights stored [N, K] (see weight(); decode on AVX2 CPUs)
+    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); decode on AVX2 CPUs)
 
     @nn.compact
     def __call__(self, x_btd):
         d, f = self.config.d_model, self.config.ffn_dim
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
-        nk = self.int8_nk and self.weight_quant != "none"
+        nk = self.nk_weights
         if self.fuse_projections:  # declared before "down", as gate and up are
             w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
                                 (EMBED, FUSED), (1,), self.dtype, raw_int8=True, nk=nk)
@@ -378,7 +383,7 @@ class Block(nn.Module):
     attention_impl: str = "xla"
     weight_quant: str = "none"
     fuse_projections: bool = False
-    int8_nk: bool = False
+    nk_weights: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
@@ -386,7 +391,7 @@ class Block(nn.Module):
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
         attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
-                         self.fuse_projections, self.int8_nk, name="attn")
+                         self.fuse_projections, self.nk_weights, name="attn")
         attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
@@ -395,6 +400,6 @@ class Block(nn.Module):
             ffn = MoE(cfg, self.dtype, self.param_dtype, self.weight_quant, name="moe")
         else:
             ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
-                      self.fuse_projections, self.int8_nk, name="mlp")
+                      self.fuse_projections, self.nk_weights, name="mlp")
         x_btd = constrain(x_btd + ffn(h), (BATCH, LENGTH, EMBED))
         return (x_btd, cache), None

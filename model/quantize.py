@@ -26,7 +26,7 @@ def int8_loaders(float_loaders: dict, int8_axes: dict, float_axes: dict | None =
     int8 model (model.decoder.logical_axes), where every quantized weight `x` has a sibling
     `x_scale`. Each weight is read and quantized once; its scale loader reuses the result.
     float_axes: the float model's logical-axes tree, needed when the int8 model stores weights in
-    another dim order (Decoder(int8_nk=True)): a weight whose axes differ is transposed to the
+    another dim order (Decoder(nk_weights=True)): a weight whose axes differ is transposed to the
     int8 model's order after quantizing (the per-channel scale does not depend on the order).
     """
     out = {}
@@ -57,12 +57,28 @@ def int8_loaders(float_loaders: dict, int8_axes: dict, float_axes: dict | None =
     return out
 
 
+def nk_loaders(float_loaders: dict, axes: dict, float_axes: dict) -> dict:
+    """Loaders for a float model that stores its matmul weights output dims first
+    (Decoder(nk_weights=True)), from the [K, N] model's loaders: each weight whose logical axes
+    (`axes`) are a reordering of `float_axes` is transposed once when loaded."""
+    out = {}
+    for name, ax in axes.items():
+        if isinstance(ax, dict):
+            out[name] = nk_loaders(float_loaders[name], ax, float_axes[name])
+            continue
+        order = _order(tuple(float_axes[name]), tuple(ax), name)
+        out[name] = (float_loaders[name] if order is None else
+                     lambda load=float_loaders[name], order=order:
+                     np.ascontiguousarray(np.asarray(load()).transpose(order)))
+    return out
+
+
 def _order(src_axes: tuple, dst_axes: tuple, name: str):
     """The transpose taking a weight from src_axes to dst_axes (None: the same order)."""
     if src_axes == dst_axes:
         return None
     if (len(src_axes) != len(dst_axes) or set(src_axes) != set(dst_axes)
             or len(set(src_axes)) != len(src_axes)):
-        raise ValueError(f"int8 weight {name!r}: axes {dst_axes} are not a reordering of the "
-                         f"float weight's {src_axes}")
+        raise ValueError(f"weight {name!r}: axes {dst_axes} are not a reordering of the "
+                         f"[K, N] weight's {src_axes}")
     return tuple(src_axes.index(a) for a in dst_axes)

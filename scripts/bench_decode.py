@@ -39,7 +39,8 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
                                  quantization=quantization, decode_steps=args.decode_steps,
                                  max_num_seqs=max(args.concurrency), kv_cache_gb=args.kv_cache_gb,
                                  kv_cache_dtype=kv_cache_dtype,
-                                 int8_weight_layout=cli.int8_weight_layout(args))
+                                 int8_weight_layout=cli.int8_weight_layout(args),
+                                 f32_weight_layout=cli.f32_weight_layout(args))
     new = args.new_tokens
     gen = lambda prompts, n: eng.generate(prompts, max_new_tokens=n, ignore_eos=True)
     gen(PROMPT_5, new + 1)  # compile the programs this measurement uses
@@ -63,7 +64,7 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
     return {"ms_per_token_b1": round(statistics.median(per_token), 2),
             "ttft_512_s": round(statistics.median(ttft), 3),
             "output_tokens_per_s": throughput, "kv_cache_dtype": kv_cache_dtype,
-            "int8_weight_layout": eng.int8_weight_layout,
+            "int8_weight_layout": eng.int8_weight_layout, "f32_weight_layout": eng.f32_weight_layout,
             "kv_pages": eng.allocator.capacity}
 
 

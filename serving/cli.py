@@ -81,16 +81,28 @@ def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_int8_weight_layout_flag(p: argparse.ArgumentParser) -> None:
-    """--int8-weight-layout (Engine int8_weight_layout; read back by int8_weight_layout())."""
+    """--int8-weight-layout and --f32-weight-layout (Engine int8_weight_layout and
+    f32_weight_layout; read back by int8_weight_layout() and f32_weight_layout())."""
     p.add_argument("--int8-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="with --quantization: int8 weights stored [K, N] (kn) or output channel "
                         "first, [N, K] (nk); auto: what this CPU's kernels read fastest (nk "
                         "without AVX-512)")
 
 
+    p.add_argument("--f32-weight-layout", default="auto", choices=["auto", "kn", "nk"],
+                   help="float32 models (no --quantization): weights stored [K, N] (kn) or output "
+                        "channel first, [N, K] (nk); auto: what this CPU's kernels read fastest "
+                        "at batch 1 (nk on AVX2 without AVX-512)")
+
+
 def int8_weight_layout(args: argparse.Namespace) -> str | None:
     """Engine's int8_weight_layout from --int8-weight-layout (None for auto)."""
     return None if args.int8_weight_layout == "auto" else args.int8_weight_layout
+
+
+def f32_weight_layout(args: argparse.Namespace) -> str | None:
+    """Engine's f32_weight_layout from --f32-weight-layout (None for auto)."""
+    return None if args.f32_weight_layout == "auto" else args.f32_weight_layout
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -102,6 +114,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             kwargs[name] = getattr(args, name)
     if hasattr(args, "int8_weight_layout"):
         kwargs["int8_weight_layout"] = int8_weight_layout(args)
+    if hasattr(args, "f32_weight_layout"):
+        kwargs["f32_weight_layout"] = f32_weight_layout(args)
     if getattr(args, "kv_cache_gb", 1.0) is not None and args.kv_cache_gb <= 0:
         raise CLIError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     return kwargs

@@ -30,7 +30,7 @@ from model.decoder import decode_step as model_decode_step
 from model.decoder import prefill as model_prefill
 from model.kernels import cpu_ffi, split_impl
 from model.layers import fuse_projection_loaders
-from model.quantize import int8_loaders
+from model.quantize import int8_loaders, nk_loaders
 from model.registry import load_checkpoint
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
@@ -86,8 +86,8 @@ class Engine(RequestFrontEnd):
                  max_waiting: int = 1024, prefill_chunk: int = 512, max_prefill_seqs: int = 8,
                  decode_steps: int = 8, quantization: str | None = None, scan_layers: bool = False,
                  kv_cache_dtype: str = "auto", fuse_projections: bool | None = None,
-                 int8_weight_layout: str | None = None, enable_prefix_caching: bool = True,
-                 progress: bool = False):
+                 int8_weight_layout: str | None = None, f32_weight_layout: str | None = None,
+                 enable_prefix_caching: bool = True, progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
@@ -139,27 +139,36 @@ class Engine(RequestFrontEnd):
         self.cpu_kernels = ((quantization is not None or jnp.dtype(self.dtype) == jnp.float32)
                             and mesh is None and jax.default_backend() == "cpu"
                             and cpu_ffi.load())
-        if int8_weight_layout not in (None, "kn", "nk"):
-            raise ConfigError(f"int8_weight_layout must be None (auto), 'kn' or 'nk', got "
-                              f"{int8_weight_layout!r}")
-        if int8_weight_layout is None:  # what this CPU's kernels stream fastest
+        for flag, layout in (("int8_weight_layout", int8_weight_layout),
+                             ("f32_weight_layout", f32_weight_layout)):
+            if layout not in (None, "kn", "nk"):
+                raise ConfigError(f"{flag} must be None (auto), 'kn' or 'nk', got {layout!r}")
+        # None: what this CPU's kernels stream fastest. The int8 layout applies to quantized
+        # models, the float32 one to float32 models; every other model reads [K, N].
+        if int8_weight_layout is None:
             int8_weight_layout = cpu_ffi.int8_weight_layout() if self.cpu_kernels else "kn"
-        # Only quantized weights change layout; a float model always reads as [K, N].
+        if f32_weight_layout is None:
+            f32_weight_layout = cpu_ffi.f32_weight_layout() if self.cpu_kernels else "kn"
+        float32 = quantization is None and jnp.dtype(self.dtype) == jnp.float32
         self.int8_weight_layout = int8_weight_layout if quantization is not None else "kn"
+        self.f32_weight_layout = f32_weight_layout if float32 else "kn"
         self.model = Decoder(self.config, dtype=self.dtype, param_dtype=self.dtype,
                              attention_impl=attention, weight_quant=quantization or "none",
                              scan_layers=scan_layers, fuse_projections=self.fuse_projections,
-                             int8_nk=self.int8_weight_layout == "nk")
+                             nk_weights="nk" in (self.int8_weight_layout, self.f32_weight_layout))
         self.param_axes = logical_axes(self.model)
         if mesh is not None:  # dims the mesh cannot split are replicated in params and activations
             self.rules = fit_rules(self.rules, mesh, logical_dims(abstract_params(self.model)))
         loaders = checkpoint.tree(scan_layers=scan_layers)
         if self.fuse_projections:
             loaders = fuse_projection_loaders(loaders)
-        if quantization is not None:  # [N, K] weights: transposed from the float model's order
-            float_axes = (logical_axes(self.model.clone(weight_quant="none", int8_nk=False))
-                          if self.model.int8_nk else None)
+        # [N, K] weights: transposed from the [K, N] float model's order as they load
+        float_axes = (logical_axes(self.model.clone(weight_quant="none", nk_weights=False))
+                      if self.model.nk_weights else None)
+        if quantization is not None:
             loaders = int8_loaders(loaders, self.param_axes, float_axes)
+        elif float_axes is not None:
+            loaders = nk_loaders(loaders, self.param_axes, float_axes)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -212,7 +221,9 @@ class Engine(RequestFrontEnd):
         int8_weight_layout (None: what this CPU's kernels read fastest, "nk" without AVX-512,
         else "kn"; "kn" stores quantized weights [K, N] like the float ones, "nk" output
         channel first, [N, K]: same math, int8 batch-1 decode ~1.3x faster on AVX2 CPUs,
-        docs/PERFORMANCE.md), progress (tqdm bar while loading).
+        docs/PERFORMANCE.md), f32_weight_layout (the same choice for float32 models: None picks
+        "nk" on AVX2 CPUs without AVX-512, where batch-1 decode streams it faster, else "kn"),
+        progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)
 
@@ -580,7 +591,8 @@ class Engine(RequestFrontEnd):
             "dtype": self.dtype_name, "attention": self.model.attention_impl,
             "quantization": self.quantization, "kv_cache_dtype": self.kv_cache_dtype,
             "scan_layers": self.model.scan_layers, "fuse_projections": self.fuse_projections,
-            "int8_weight_layout": self.int8_weight_layout, "cpu_kernels": self.cpu_kernels,
+            "int8_weight_layout": self.int8_weight_layout,
+            "f32_weight_layout": self.f32_weight_layout, "cpu_kernels": self.cpu_kernels,
             "page_size": self.page_size, "num_pages": self.cache.num_pages,
             "decode_steps": self.decode_steps, "max_logprobs": MAX_LOGPROBS,
             "mesh": None if self.mesh is None else dict(self.mesh.shape),

@@ -12,6 +12,9 @@ Float32 matmuls for decode (csrc/f32_gemv.cc, csrc/f32_gemm.cc):
 - `f32_gemv(x, w)`: one row into at most 1024 outputs, or 2-4 rows into at most 4096, split
   over K so that each thread streams whole weight rows; XLA splits narrow GEMVs over columns
   and reads them at ~17 GB/s.
+- `f32_gemv_nk(x, w)`: one to four rows against a weight stored `[N, K]` (float32 engines
+  with `f32_weight_layout="nk"`, the default on AVX2 CPUs without AVX-512): each output a dot
+  product of contiguous rows, every work item one sequential read.
 - `f32_gemm(x, w)`: decode batches of 9-32 rows, 8 x 48 output blocks in AVX-512 registers
   over packed weight chunks, each row summed in one fixed order (batch-invariant bits).
 
@@ -65,6 +68,7 @@ TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 F32_GEMM_TARGET = "xlrt_f32_gemm"  # float32 x float32, register-blocked (batched decode)
+F32_GEMV_NK_TARGET = "xlrt_f32_gemv_nk"  # float32 x float32 [N, K], row dot products (decode)
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
 # Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
@@ -199,13 +203,15 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET and ATTENTION_TARGET, each followed by
+    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and ATTENTION_TARGET,
+    each followed by
     `suffix` (the attention target then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
                          (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
                          (F32_GEMM_TARGET + suffix, lib.XlrtF32Gemm),
+                         (F32_GEMV_NK_TARGET + suffix, lib.XlrtF32GemvNk),
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
                          (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -214,10 +220,11 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 def status() -> dict:
     """Whether the kernels loaded in this process, with VNNI, with the float32 GEMM in use
-    (AVX-512), the int8 weight layout engines pick here, or why not (tests, bug reports)."""
+    (AVX-512), the int8 and float32 weight layouts engines pick here, or why not (tests, bug
+    reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"],
             "gemm_simd": _state["simd"] == "avx512", "int8_weight_layout": int8_weight_layout(),
-            "error": _state["error"]}
+            "f32_weight_layout": f32_weight_layout(), "error": _state["error"]}
 
 
 @contextlib.contextmanager
@@ -265,12 +272,60 @@ def use_f32_gemv(rows: int, n: int, dtype) -> bool:
 
 def int8_weight_layout() -> str:
     """The layout the int8 decode kernels stream fastest on this CPU: "nk" (each output
-    channel's weights contiguous, model.decoder.Decoder(int8_nk=True)) without AVX-512: on AVX2
+    channel's weights contiguous, model.decoder.Decoder(nk_weights=True)) without AVX-512: on AVX2
     the [K, N] column ranges read 1.4-1.8x slower at 1-16 rows; "kn" with AVX-512 (the
     layout its kernels were tuned on) or without the kernels (XLA's dot)."""
     if _state["lib"] is None or _state["simd"] == "avx512":
         return "kn"
     return "nk"
+
+
+def f32_weight_layout() -> str:
+    """The layout float32 engines store their layer weights in on this CPU: "nk" (output
+    channel first, model.decoder.Decoder(nk_weights=True)) on AVX2 without AVX-512, where
+    f32_gemv_nk streams it faster at batch 1 than XLA's dot streams [K, N] (docs/PERFORMANCE.md,
+    session 13); "kn" with AVX-512 (its GEMV and GEMM kernels read [K, N]) or without the
+    kernels (XLA's dot)."""
+    if _state["lib"] is None or _state["simd"] != "avx2":
+        return "kn"
+    return "nk"
+
+
+def use_f32_gemv_nk(rows: int, dtype) -> bool:
+    """Whether a traced float32 matmul of `rows` rows against a [N, K] weight runs
+    f32_gemv_nk: up to F32_GEMV_MAX_ROWS rows (decode batches of 1-4 sequences)."""
+    if _disabled.get() or rows > F32_GEMV_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
+        return False
+    return _usable()
+
+
+def f32_gemv_nk(x, w, target: str = F32_GEMV_NK_TARGET):
+    """x float32 [M, K] @ w float32 [N, K]^T -> float32 [M, N] (M <= F32_GEMV_MAX_ROWS), one
+    dot product per output (csrc/f32_gemv.cc), through the registered FFI `target`."""
+    if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 2 or w.ndim != 2
+            or x.shape[1] != w.shape[1] or x.shape[0] > F32_GEMV_MAX_ROWS):
+        raise ValueError(f"f32_gemv_nk takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w "
+                         f"[N, K], got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+    return _f32_matmul_nk(target, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _f32_matmul_nk(target, x, w):
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+def _f32_matmul_nk_fwd(target, x, w):
+    return _f32_matmul_nk(target, x, w), (x, w)
+
+
+def _f32_matmul_nk_bwd(target, res, g):  # gradients through XLA's dots
+    x, w = res
+    return g @ w, g.T @ x
+
+
+_f32_matmul_nk.defvjp(_f32_matmul_nk_fwd, _f32_matmul_nk_bwd)
 
 
 def use_f32_gemm(rows: int, dtype) -> bool:

@@ -401,6 +401,46 @@ def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targe
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, cpu_ffi.F32_GEMV_MAX_ROWS), k=st.integers(1, 700),
+       n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_f32_gemv_nk_matches_xla(targets, m, k, n, seed):
+    """The [N, K] float32 GEMV: XLA's dot to float rounding, for K below, at and past whole
+    32-lane blocks and N not a multiple of the 64-row work items, on both builds; each row's
+    result does not depend on the other rows (the same bits alone and batched)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+    want = np.asarray(jnp.dot(x, w.T, precision="highest"))
+    bound = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)).T + 1)
+    for target in (cpu_ffi.F32_GEMV_NK_TARGET, cpu_ffi.F32_GEMV_NK_TARGET + GENERIC):
+        call = jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemv_nk(x, w, t))
+        got = np.asarray(call(x, w))
+        assert np.all(np.abs(got - want) <= bound), target
+        np.testing.assert_array_equal(np.asarray(call(x[-1:], w)), got[-1:])
+
+
+def test_f32_gemv_nk_use_gradient_and_errors(targets):
+    assert cpu_ffi.use_f32_gemv_nk(cpu_ffi.F32_GEMV_MAX_ROWS, jnp.float32)
+    assert not cpu_ffi.use_f32_gemv_nk(cpu_ffi.F32_GEMV_MAX_ROWS + 1, jnp.float32)
+    assert not cpu_ffi.use_f32_gemv_nk(1, jnp.bfloat16)
+    with cpu_ffi.disabled():
+        assert not cpu_ffi.use_f32_gemv_nk(1, jnp.float32)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert not cpu_ffi.use_f32_gemv_nk(1, jnp.float32)
+    assert cpu_ffi.f32_weight_layout() == ("nk" if cpu_ffi._state["simd"] == "avx2" else "kn")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 96), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((40, 96), dtype=np.float32))
+    got = jax.grad(lambda x, w: (cpu_ffi.f32_gemv_nk(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: (jnp.dot(x, w.T, precision="highest") ** 2).sum(),
+                    argnums=(0, 1))(x, w)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"float32 x \[M <= 4, K\] and w \[N, K\]"):
+        cpu_ffi.f32_gemv_nk(jnp.zeros((1, 95), jnp.float32), w)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, cpu_ffi.F32_GEMV_MAX_ROWS), k=st.integers(1, 300),
        n=st.one_of(st.integers(1, 200), st.integers(1000, 2600)), seed=st.integers(0, 2**31 - 1))
 def test_f32_gemv_matches_xla(targets, m, k, n, seed):

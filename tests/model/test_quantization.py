@@ -26,7 +26,7 @@ def test_quantize_int8_per_channel():
 
 def test_int8_loaders_transpose_to_the_int8_models_axes():
     """With float_axes, a weight the int8 model declares in another dim order (Decoder(
-    int8_nk=True)) is quantized per output channel, then transposed; the scale is the same."""
+    nk_weights=True)) is quantized per output channel, then transposed; the scale is the same."""
     w = np.random.default_rng(0).standard_normal((6, 2, 5)).astype(np.float32)  # [heads, hd, d]
     float_axes = {"o": ("heads", "head_dim", "embed"), "norm": ("embed",)}
     nk_axes = {"o": ("embed", "heads", "head_dim"), "o_scale": ("embed",), "norm": ("embed",)}

@@ -147,6 +147,7 @@ def test_bad_requests_get_clear_errors(shared_tiny_engine, kwargs, fragment):
     (dict(attention="flash"), "attention='flash' is not one of"),
     (dict(dtype="float16"), "dtype='float16' is not supported"),
     (dict(quantization="int8", int8_weight_layout="kt"), "int8_weight_layout must be"),
+    (dict(f32_weight_layout="t"), "f32_weight_layout must be None \\(auto\\), 'kn' or 'nk'"),
 ])
 def test_bad_engine_settings_name_the_setting_and_limit(make_tiny_engine, kwargs, message):
     from model.config import ConfigError
@@ -252,17 +253,63 @@ def test_int8_weight_layouts_give_the_same_model(make_tiny_engine, tmp_path, qua
     assert Engine(ckpt, attention="xla", int8_weight_layout="nk").int8_weight_layout == "kn"
 
 
-def test_int8_weight_layout_flag_reaches_the_engine_kwargs():
+def test_f32_weight_layouts_give_the_same_model(tmp_path):
+    """f32_weight_layout="nk" stores every float32 layer weight (and an untied LM head) output
+    channels first, the transpose of the "kn" weight; logits agree to float rounding and greedy
+    tokens are equal, alone and batched (decode rows of 1-4 run the [N, K] GEMV kernel where the
+    CPU kernels load). Other dtypes and quantized models keep float weights [K, N]."""
+    import dataclasses
+
+    from model.config import get_preset
+    from model.kernels import cpu_ffi
+    untied = dataclasses.replace(get_preset("tiny"), bos_id=256, eos_id=257, tie_embeddings=False)
+    ckpt = tiny_checkpoint(tmp_path, untied)
+    kn, nk = (Engine(ckpt, attention="xla", f32_weight_layout=layout) for layout in ("kn", "nk"))
+    assert (kn.f32_weight_layout, nk.f32_weight_layout) == ("kn", "nk")
+    assert not kn.model.nk_weights and nk.model.nk_weights
+    flat_kn = dict(jax.tree_util.tree_flatten_with_path(kn.params)[0])
+    flat_nk = dict(jax.tree_util.tree_flatten_with_path(nk.params)[0])
+    assert flat_kn.keys() == flat_nk.keys()
+    transposed = 0
+    for path, a in flat_kn.items():
+        a, b, name = np.asarray(a), np.asarray(flat_nk[path]), jax.tree_util.keystr(path)
+        if a.shape == b.shape:  # norms and the embedding
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            continue
+        k_dims = 2 if "'o'" in name and a.ndim == 3 else 1  # o: [heads, head_dim, d_model]
+        order = tuple(range(k_dims, a.ndim)) + tuple(range(k_dims))
+        np.testing.assert_array_equal(np.transpose(a, order), b, err_msg=name)
+        transposed += 1
+    per_layer = 4 if kn.fuse_projections else 7
+    assert transposed == untied.num_layers * per_layer + 1  # and the LM head
+    prompts = _prompts(3)
+    np.testing.assert_allclose(kn.score(prompts[0]), nk.score(prompts[0]), atol=1e-4, rtol=1e-5)
+    batched = [o.token_ids for o in nk.generate(prompts, max_new_tokens=8)]
+    assert batched == [o.token_ids for o in kn.generate(prompts, max_new_tokens=8)]
+    assert batched == [nk.generate([p], max_new_tokens=8)[0].token_ids for p in prompts]
+    auto = Engine(ckpt, attention="xla")
+    assert auto.f32_weight_layout == (cpu_ffi.f32_weight_layout() if auto.cpu_kernels else "kn")
+    assert Engine(ckpt, attention="xla", dtype="bfloat16",
+                  f32_weight_layout="nk").f32_weight_layout == "kn"
+    assert Engine(ckpt, attention="xla", quantization="int8", int8_weight_layout="kn",
+                  f32_weight_layout="nk").model.nk_weights is False
+
+
+def test_weight_layout_flags_reach_the_engine_kwargs():
     from serving import cli
     p = cli.parser("t")
     cli.add_model_flags(p)
     cli.add_engine_flags(p)
-    assert cli.engine_kwargs(p.parse_args([]))["int8_weight_layout"] is None  # auto
+    kwargs = cli.engine_kwargs(p.parse_args([]))
+    assert kwargs["int8_weight_layout"] is None and kwargs["f32_weight_layout"] is None  # auto
     for layout in ("kn", "nk"):
         args = p.parse_args(["--quantization", "int8", "--int8-weight-layout", layout])
         assert cli.engine_kwargs(args)["int8_weight_layout"] == layout
-    with pytest.raises(SystemExit):
-        p.parse_args(["--int8-weight-layout", "nk8"])
+        args = p.parse_args(["--f32-weight-layout", layout])
+        assert cli.engine_kwargs(args)["f32_weight_layout"] == layout
+    for flag in ("--int8-weight-layout", "--f32-weight-layout"):
+        with pytest.raises(SystemExit):
+            p.parse_args([flag, "nk8"])
 
 
 def test_fused_projections_refuse_sharded_engines(make_tiny_engine):
