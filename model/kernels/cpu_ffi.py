@@ -306,26 +306,7 @@ def f32_gemv_nk(x, w, target: str = F32_GEMV_NK_TARGET):
             or x.shape[1] != w.shape[1] or x.shape[0] > F32_GEMV_MAX_ROWS):
         raise ValueError(f"f32_gemv_nk takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w "
                          f"[N, K], got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    return _f32_matmul_nk(target, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _f32_matmul_nk(target, x, w):
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, w)
-
-
-def _f32_matmul_nk_fwd(target, x, w):
-    return _f32_matmul_nk(target, x, w), (x, w)
-
-
-def _f32_matmul_nk_bwd(target, res, g):  # gradients through XLA's dots
-    x, w = res
-    return g @ w, g.T @ x
-
-
-_f32_matmul_nk.defvjp(_f32_matmul_nk_fwd, _f32_matmul_nk_bwd)
+    return _f32_matmul(target, True, x, w)
 
 
 def use_f32_gemm(rows: int, dtype) -> bool:
@@ -346,24 +327,26 @@ def f32_gemv(x, w, target: str = F32_GEMV_TARGET):
             or x.shape[1] != w.shape[0] or x.shape[0] > F32_GEMV_MAX_ROWS):
         raise ValueError(f"f32_gemv takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w [K, N], "
                          f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    return _f32_matmul(target, x, w)
+    return _f32_matmul(target, False, x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _f32_matmul(target, x, w):
-    """The float32 FFI matmul `target` (GEMV or GEMM), x [M, K] @ w [K, N]."""
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _f32_matmul(target, transpose_w, x, w):
+    """The float32 FFI matmul `target` (GEMV or GEMM), x [M, K] @ w [K, N] (or w [N, K]
+    transposed)."""
+    n = w.shape[0] if transpose_w else w.shape[1]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                             vmap_method="sequential")
     return call(x, w)
 
 
-def _f32_matmul_fwd(target, x, w):
-    return _f32_matmul(target, x, w), (x, w)
+def _f32_matmul_fwd(target, transpose_w, x, w):
+    return _f32_matmul(target, transpose_w, x, w), (x, w)
 
 
-def _f32_matmul_bwd(target, res, g):  # gradients through XLA's dots (a decode step under grad)
+def _f32_matmul_bwd(target, transpose_w, res, g):  # gradients through XLA's dots
     x, w = res
-    return g @ w.T, x.T @ g
+    return (g @ w, g.T @ x) if transpose_w else (g @ w.T, x.T @ g)
 
 
 _f32_matmul.defvjp(_f32_matmul_fwd, _f32_matmul_bwd)
@@ -376,7 +359,7 @@ def f32_gemm(x, w, target: str = F32_GEMM_TARGET):
             or x.shape[1] != w.shape[0]):
         raise ValueError(f"f32_gemm takes float32 x [M, K] and w [K, N], "
                          f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
-    return _f32_matmul(target, x, w)
+    return _f32_matmul(target, False, x, w)
 
 
 def use_paged_attention(q, k_cache) -> bool:
