@@ -69,22 +69,33 @@ void accumulate(const float* x, const float* w, float* part, int64_t M, int64_t 
   }
 }
 
+// x [M, K], w [K, N] (or [N, K] with nk), y [M, N], M <= kMaxRows: sets M, K, N or names the
+// problem.
+template <typename Dims>
+ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, bool nk, int64_t* M,
+                     int64_t* K, int64_t* N) {
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
+  }
+  *M = xd[0];
+  *K = xd[1];
+  *N = nk ? wd[0] : wd[1];
+  if ((nk ? wd[1] : wd[0]) != *K || yd[0] != *M || yd[1] != *N) {
+    return ffi::Error::InvalidArgument(name + (nk ? ": expected x [M, K], w [N, K], y [M, N]"
+                                                  : ": expected x [M, K], w [K, N], y [M, N]"));
+  }
+  if (*M > kMaxRows) {
+    return ffi::Error::InvalidArgument(name + ": at most " + std::to_string(kMaxRows) + " rows");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error F32GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv: x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (wd[0] != K || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv: expected x [M, K], w [K, N], y [M, N]");
-  }
-  if (M > kMaxRows) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv: at most " + std::to_string(kMaxRows) +
-                                       " rows");
-  }
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_f32_gemv", x.dimensions(), w.dimensions(), y->dimensions(),
+                                false, &M, &K, &N);
+  if (error.failure()) return error;
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
@@ -157,20 +168,10 @@ void nk_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int
 
 ffi::Error F32GemvNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv_nk: x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
-  if (wd[1] != K || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv_nk: expected x [M, K], w [N, K], y [M, N]");
-  }
-  if (M > kMaxRows) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemv_nk: at most " + std::to_string(kMaxRows) +
-                                       " rows");
-  }
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_f32_gemv_nk", x.dimensions(), w.dimensions(),
+                                y->dimensions(), true, &M, &K, &N);
+  if (error.failure()) return error;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
