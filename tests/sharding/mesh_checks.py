@@ -44,6 +44,8 @@ MATRIX = [("data=2,fsdp=2,tensor=2", "dp"), ("data=2,fsdp=2,tensor=2", "fsdp"),
           ("data=2,fsdp=2,tensor=2", "tp"), ("data=2,fsdp=2,tensor=2", "fsdp_tp"),
           ("fsdp=8", "fsdp"), ("tensor=8", "tp"), ("sequence=2,fsdp=2,tensor=2", "fsdp_tp")]
 ENGINE_MESH = "data=2,fsdp=2,tensor=2"  # the engine (prefill + paged decode) runs on this one
+# with these presets (data parallel, and fsdp + tensor); --all adds fsdp and tp alone.
+ENGINE_PRESETS = ("dp", "fsdp_tp")
 
 
 class WarningLog(logging.Handler):
@@ -94,7 +96,7 @@ def placement_report(placed, host) -> dict:
     return out
 
 
-def run_matrix(out_prefix: str, cases=MATRIX, engine=True) -> dict:
+def run_matrix(out_prefix: str, cases=MATRIX, engine=True, engine_presets=ENGINE_PRESETS) -> dict:
     """Every (mesh, preset) in `cases` against one device, on the tiny config."""
     from conftest import tiny_checkpoint
     from serving import Engine
@@ -143,7 +145,7 @@ def run_matrix(out_prefix: str, cases=MATRIX, engine=True) -> dict:
                 "forward_collectives": collectives(fwd_c),
                 "train_collectives": collectives(train_c),
                 "layout": layout_table(params)}
-        if engine and mesh_spec == ENGINE_MESH:
+        if engine and mesh_spec == ENGINE_MESH and preset in engine_presets:
             eng = Engine(ckpt, mesh=mesh, rules=preset, **engine_kw)
             outs = eng.generate(prompts, max_new_tokens=10, ignore_eos=True)
             case["engine_tokens_equal"] = [o.token_ids for o in outs] == ref_tokens
@@ -264,7 +266,9 @@ def main(argv=None) -> int:
         if args.all:
             cases = MATRIX + [(m, r) for m in ("data=8", "fsdp=8", "tensor=8", "fsdp=4,tensor=2")
                               for r in ("dp", "fsdp", "tp", "fsdp_tp") if (m, r) not in MATRIX]
-        report = run_matrix(args.out, cases)
+        report = run_matrix(args.out, cases,
+                            engine_presets=("dp", "fsdp", "tp", "fsdp_tp") if args.all
+                            else ENGINE_PRESETS)
     elif args.mode == "smollm2":
         report = run_smollm2(args.mesh, args.rules, args.new_tokens)
     else:

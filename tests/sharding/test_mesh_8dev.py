@@ -149,7 +149,7 @@ def test_indivisible_heads_fall_back_with_a_warning(report):
     assert report[("data=2,fsdp=2,tensor=2", "fsdp_tp")]["warnings"] == []
 
 
-@pytest.mark.parametrize("preset", ["dp", "fsdp", "tp", "fsdp_tp"])
+@pytest.mark.parametrize("preset", ["dp", "fsdp_tp"])  # -m slow: every preset
 def test_engine_greedy_decoding_identical_on_the_mesh(report, preset):
     case = report[(ENGINE_MESH, preset)]
     assert case["engine_tokens_equal"]
