@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,9 @@ def run_multiprocess(out_prefix: str, num_processes: int, devices_per_process: i
     The launcher enforces `timeout` itself and stops every child if one fails; the outer
     subprocess timeout is a second bound in case the launcher itself hangs.
     """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the launcher sets each process's device count itself
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                              env.get("XLA_FLAGS", "")).strip()
     cmd = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"),
            "--num-processes", str(num_processes), "--devices-per-process", str(devices_per_process),
            "--timeout", str(timeout), "--", CHECKS, "multiprocess", out_prefix, *args]
