@@ -5,6 +5,9 @@ Two decode matmuls with int8 weights (csrc/int8_matmul.cc):
   are exact), reading each weight byte once for all rows with AVX-512 VNNI where the CPU has it.
   XLA:CPU's generic int8 GEMM streams weights at a third of the memory bandwidth for one or two
   rows.
+- `w8a8_matmul(x, w)` (w8a8 from float rows): the same int8 product with the per-row
+  quantization of x (model.layers.int8_rows) before it and the rescale after it done in the
+  kernel, with the same float operations, so the bits are those of the three steps as XLA ops.
 - `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
   in registers. XLA converts the whole weight to float in memory first.
 
@@ -65,6 +68,7 @@ SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gem
            CSRC / "f32_gemm.cc")
 HEADERS = (CSRC / "parallel.h", CSRC / "gemm_avx2.h")
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
+W8A8_TARGET = "xlrt_w8a8_matmul"  # float32 rows quantized in the kernel x int8 -> float32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 F32_GEMM_TARGET = "xlrt_f32_gemm"  # float32 x float32, register-blocked (batched decode)
@@ -203,11 +207,12 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and ATTENTION_TARGET,
+    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and ATTENTION_TARGET,
     each followed by
     `suffix` (the attention target then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
+                         (W8A8_TARGET + suffix, lib.XlrtW8a8Matmul),
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
                          (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
                          (F32_GEMM_TARGET + suffix, lib.XlrtF32Gemm),
@@ -397,6 +402,14 @@ def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
     """xq int8 [M, K] @ w int8 [K, N] (or [N, K] with transpose_w) -> int32 [M, N], through
     the registered FFI `target` (call use_int8_matmul or load first)."""
     return _ffi_matmul(target, xq, w, transpose_w, jnp.int8, jnp.int32, "int8_matmul")
+
+
+def w8a8_matmul(x, w, transpose_w: bool = False, target: str = W8A8_TARGET):
+    """x float32 [M, K], each row quantized to int8 as model.layers.int8_rows does, @ w int8
+    [K, N] (or [N, K] with transpose_w), times the row's scale -> float32 [M, N] (the weight's
+    scale is the caller's): the bits of int8_rows, int8_matmul and the rescale as XLA ops, in
+    one FFI call (`target`)."""
+    return _ffi_matmul(target, x, w, transpose_w, jnp.float32, jnp.float32, "w8a8_matmul")
 
 
 def weight_only_matmul(x, w, transpose_w: bool = False, target: str = WEIGHT_ONLY_TARGET):

@@ -85,6 +85,41 @@ def test_matches_xla_int8_dot(int8_targets, m, k, n, transpose_w, seed):
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 200),
+       transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]))
+def test_w8a8_from_float_rows_matches_the_xla_ops(int8_targets, m, k, n, transpose_w, seed,
+                                                  magnitude):
+    """The kernel's own quantization and rescale give the bits of int8_rows, XLA's int8 dot and
+    the rescale run as XLA ops, on every build, for both layouts, ragged shapes, rows of any
+    magnitude (tiny ones included), an all-zero row (scale 1) and values that fall exactly
+    half-way between two levels (round half to even)."""
+    from model.layers import int8_rows
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((m, k)) * magnitude).astype(np.float32)
+    x[0] = 0.0  # row 0: scale exactly 1 (its largest value is 127), values half-way between levels
+    x[0, : k // 2] = np.arange(k // 2) + 0.5 - (k // 4)  # ... -0.5, 0.5, 1.5 ...
+    x[0, -1] = 127.0
+    if m > 2:
+        x[m - 1] = 0.0
+    x = jnp.asarray(x)
+    w = jnp.asarray(rng.integers(-128, 128, (n, k) if transpose_w else (k, n), dtype=np.int8))
+
+    @jax.jit
+    def reference(x, w):
+        xq, xs = int8_rows(x)
+        return xla_int8_dot(xq, w, transpose_w).astype(jnp.float32) * xs
+
+    want = np.asarray(reference(x, w))
+    names = [t.replace(cpu_ffi.TARGET, cpu_ffi.W8A8_TARGET) for t in int8_targets]
+    for target in names:
+        got = jax.jit(lambda x, w, t=target: cpu_ffi.w8a8_matmul(x, w, transpose_w, t))(x, w)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
+    with pytest.raises(ValueError, match="float32 x and int8 w"):
+        cpu_ffi.w8a8_matmul(x.astype(jnp.bfloat16), w, transpose_w)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 200),
        transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
@@ -210,10 +245,11 @@ def test_the_decode_program_calls_the_kernel(make_tiny_engine, targets):
     args = (eng.params, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32), eng.cache,
             jnp.ones((1, 4), jnp.int32))
     step = jax.jit(functools.partial(decode_step, eng.model))
-    assert cpu_ffi.TARGET in step.lower(*args).as_text()
+    # float32 activations: the kernel that quantizes and rescales them itself
+    assert cpu_ffi.W8A8_TARGET in step.lower(*args).as_text()
     with cpu_ffi.disabled():
-        assert cpu_ffi.TARGET not in jax.jit(functools.partial(decode_step, eng.model)).lower(
-            *args).as_text()
+        hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
+        assert cpu_ffi.W8A8_TARGET not in hlo and cpu_ffi.TARGET not in hlo
 
 
 @pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++"}, {"XLRT_CPU_KERNELS": "0"}])

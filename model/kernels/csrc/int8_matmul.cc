@@ -22,6 +22,7 @@
 // XLA FFI targets "xlrt_int8_matmul" and "xlrt_f32_int8_matmul".
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -49,6 +50,14 @@
 #define XLRT_WO_AVX2 1
 #else
 #define XLRT_WO_AVX2 0
+#endif
+
+// Vector quantization of float rows (xlrt_w8a8_matmul) on every AVX2 build, AVX-512 ones too.
+#if defined(__AVX2__) && !defined(XLRT_FORCE_GENERIC)
+#include <immintrin.h>
+#define XLRT_QUANT_AVX2 1
+#else
+#define XLRT_QUANT_AVX2 0
 #endif
 
 namespace {
@@ -321,20 +330,11 @@ ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t
   return ffi::Error::Success();
 }
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                          ffi::ResultBuffer<ffi::S32> y, int64_t transpose_w) {
-  int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_int8_matmul", x.dimensions(), w.dimensions(),
-                               y->dimensions(), transpose_w, &M, &K, &N);
-  if (error.failure()) return error;
-  const int8_t* xp = x.typed_data();
-  const int8_t* wp = w.typed_data();
-  int32_t* yp = y->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {
-    std::memset(yp, 0, M * N * sizeof(int32_t));
-    return ffi::Error::Success();
-  }
+// y[M, N] (int32) = xp (int8 [M, K]) @ w, then epilogue(n0, n1) for each tile of columns, on the
+// thread that computed it (the tile still in cache). M, N, K > 0.
+template <typename Epilogue>
+void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32_t* yp, int64_t M,
+                int64_t K, int64_t N, bool transpose_w, const Epilogue& epilogue) {
   const bool ranged = !transpose_w && M <= kRangeMaxRows && XLRT_VNNI;
   const int64_t tile = transpose_w ? kNkTile : ranged ? kKnRange : kKnTile;
   const int64_t items = (N + tile - 1) / tile;
@@ -349,6 +349,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
     if (transpose_w) nk_tile_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
     else if (ranged) kn_range_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
     else kn_tile_vnni(xup, kp, wp, yp, M, K, N, n0, n1);
+    epilogue(n0, n1);
   });
 #else
 #if XLRT_WO_AVX2
@@ -371,8 +372,92 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
     if (transpose_w) nk_tile_generic(xp, wp, yp, M, K, N, n0, n1);
 #endif
     else kn_tile_generic(xp, wp, yp, M, K, N, n0, n1);
+    epilogue(n0, n1);
   });
 #endif
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::S32> y, int64_t transpose_w) {
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_int8_matmul", x.dimensions(), w.dimensions(),
+                               y->dimensions(), transpose_w, &M, &K, &N);
+  if (error.failure()) return error;
+  int32_t* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(yp, 0, M * N * sizeof(int32_t));
+    return ffi::Error::Success();
+  }
+  Int8Matmul(pool, x.typed_data(), w.typed_data(), yp, M, K, N, transpose_w != 0,
+             [](int64_t, int64_t) {});
+  return ffi::Error::Success();
+}
+
+// w8a8 from float rows: y[M, N] (f32) = float(q(x) @ w) * s, where each row of x is quantized
+// as model.layers.int8_rows does: s = max|x| * float(1/127) (1 for a zero row), q(x) =
+// clip(round_half_even(x * (1 / s)), -127, 127). The same float operations in the same order, so
+// the result has the bits of int8_rows, the int8 dot and the rescale run as XLA ops. Doing the
+// quantization and the rescale here saves XLA the fusions around each matmul (a max reduction,
+// the quantizing pass over x and the int32-to-float pass over y).
+ffi::Error W8a8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t transpose_w) {
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_w8a8_matmul", x.dimensions(), w.dimensions(),
+                               y->dimensions(), transpose_w, &M, &K, &N);
+  if (error.failure()) return error;
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(yp, 0, M * N * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const float* xp = x.typed_data();
+  constexpr float kInv127 = static_cast<float>(1.0 / 127.0);
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> scale(M);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    int8_t* qr = xq.data() + m * K;
+    int64_t k = 0;
+    float amax = 0.0f;
+#if XLRT_QUANT_AVX2
+    // 8 lanes at a time (max is exact in any order; rounding, clamp and conversion per element)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    for (float v : lanes) amax = std::max(amax, v);
+#endif
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+    const float s = amax > 0.0f ? amax * kInv127 : 1.0f;
+    const float inv = 1.0f / s;
+    scale[m] = s;
+    k = 0;
+#if XLRT_QUANT_AVX2
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    for (; k + 8 <= K; k += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(q16, q16));
+    }
+#endif
+    for (; k < K; ++k) {
+      const float r = std::nearbyint(xr[k] * inv);  // the default rounding: half to even
+      qr[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    }
+  }
+  // The int32 sums go to y's own bytes (same size) and become floats in place, tile by tile.
+  int32_t* acc = reinterpret_cast<int32_t*>(yp);
+  Int8Matmul(pool, xq.data(), w.typed_data(), acc, M, K, N, transpose_w != 0,
+             [&](int64_t n0, int64_t n1) {
+               for (int64_t m = 0; m < M; ++m)
+                 for (int64_t n = n0; n < n1; ++n)
+                   yp[m * N + n] = static_cast<float>(acc[m * N + n]) * scale[m];
+             });
   return ffi::Error::Success();
 }
 
@@ -781,6 +866,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("transpose_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtW8a8Matmul, W8a8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transpose_w"));
 
 extern "C" int xlrt_int8_matmul_vnni() { return XLRT_VNNI; }
