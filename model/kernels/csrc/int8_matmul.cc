@@ -330,6 +330,23 @@ ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t
   return ffi::Error::Success();
 }
 
+// CheckDims, then the empty cases: *done is true when the call is finished (an error, no rows or
+// columns, or K == 0, where y is all zeros).
+template <typename X, typename Y>
+ffi::Error CheckOrFinish(const std::string& name, X& x, ffi::Buffer<ffi::S8>& w, Y& y,
+                         int64_t transpose_w, int64_t* M, int64_t* K, int64_t* N, bool* done) {
+  *done = true;
+  ffi::Error error = CheckDims(name, x.dimensions(), w.dimensions(), y->dimensions(),
+                               transpose_w, M, K, N);
+  if (error.failure() || *M == 0 || *N == 0) return error;
+  if (*K == 0) {
+    std::memset(y->typed_data(), 0, *M * *N * sizeof(*y->typed_data()));
+    return error;
+  }
+  *done = false;
+  return error;
+}
+
 // y[M, N] (int32) = xp (int8 [M, K]) @ w, then epilogue(n0, n1) for each tile of columns, on the
 // thread that computed it (the tile still in cache). M, N, K > 0.
 template <typename Epilogue>
@@ -380,18 +397,12 @@ void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                           ffi::ResultBuffer<ffi::S32> y, int64_t transpose_w) {
   int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_int8_matmul", x.dimensions(), w.dimensions(),
-                               y->dimensions(), transpose_w, &M, &K, &N);
-  if (error.failure()) return error;
-  int32_t* yp = y->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {
-    std::memset(yp, 0, M * N * sizeof(int32_t));
-    return ffi::Error::Success();
-  }
-  Int8Matmul(pool, x.typed_data(), w.typed_data(), yp, M, K, N, transpose_w != 0,
+  bool done;
+  ffi::Error error = CheckOrFinish("xlrt_int8_matmul", x, w, y, transpose_w, &M, &K, &N, &done);
+  if (done) return error;
+  Int8Matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N, transpose_w != 0,
              [](int64_t, int64_t) {});
-  return ffi::Error::Success();
+  return error;
 }
 
 // w8a8 from float rows: y[M, N] (f32) = float(q(x) @ w) * s, where each row of x is quantized
@@ -403,15 +414,10 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
 ffi::Error W8a8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::ResultBuffer<ffi::F32> y, int64_t transpose_w) {
   int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_w8a8_matmul", x.dimensions(), w.dimensions(),
-                               y->dimensions(), transpose_w, &M, &K, &N);
-  if (error.failure()) return error;
+  bool done;
+  ffi::Error error = CheckOrFinish("xlrt_w8a8_matmul", x, w, y, transpose_w, &M, &K, &N, &done);
+  if (done) return error;
   float* yp = y->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {
-    std::memset(yp, 0, M * N * sizeof(float));
-    return ffi::Error::Success();
-  }
   const float* xp = x.typed_data();
   constexpr float kInv127 = static_cast<float>(1.0 / 127.0);
   std::vector<int8_t> xq(M * K);
@@ -860,28 +866,22 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("transpose_w"));
+// The three matmuls' signature: (thread pool, x of type X, int8 w) -> y of type Y, transpose_w.
+template <ffi::DataType X, ffi::DataType Y>
+auto MatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<X>>()
+      .template Arg<ffi::Buffer<ffi::S8>>()
+      .template Ret<ffi::Buffer<Y>>()
+      .template Attr<int64_t>("transpose_w");
+}
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,
+                              (MatmulBinding<ffi::S8, ffi::S32>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtW8a8Matmul, W8a8MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transpose_w"));
+                              (MatmulBinding<ffi::F32, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Int8Matmul, F32Int8MatmulImpl,
+                              (MatmulBinding<ffi::F32, ffi::F32>()));
 
 extern "C" int xlrt_int8_matmul_vnni() { return XLRT_VNNI; }
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Int8Matmul, F32Int8MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transpose_w"));
