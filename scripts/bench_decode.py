@@ -229,7 +229,7 @@ elif __name__ == "__main__":
     p.add_argument("--skip-int8", action="store_true", help="no int8-weights row")
     p.add_argument("--w8a8", action="store_true",
                    help="add a w8a8 row (int8 weights, int8 activations in batched matmuls)")
-    cli.add_int8_weight_layout_flag(p)
+    cli.add_weight_layout_flags(p)
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "int8"],
                    help="KV cache dtypes of the float32-weight rows (auto: float32 KV; int8: "
                         "a 'float32_kv_int8' row)")

@@ -69,7 +69,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache storage: auto (the compute dtype) or int8 (a float32 scale "
                         "per token and kv head; ~3.5-4x the pages of float32 per GiB)")
     add_prefix_caching_flag(p)
-    add_int8_weight_layout_flag(p)
+    add_weight_layout_flags(p)
 
 
 def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
@@ -80,15 +80,13 @@ def add_prefix_caching_flag(p: argparse.ArgumentParser) -> None:
                         "prefilling them again")
 
 
-def add_int8_weight_layout_flag(p: argparse.ArgumentParser) -> None:
+def add_weight_layout_flags(p: argparse.ArgumentParser) -> None:
     """--int8-weight-layout and --f32-weight-layout (Engine int8_weight_layout and
     f32_weight_layout; read back by int8_weight_layout() and f32_weight_layout())."""
     p.add_argument("--int8-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="with --quantization: int8 weights stored [K, N] (kn) or output channel "
                         "first, [N, K] (nk); auto: what this CPU's kernels read fastest (nk "
                         "without AVX-512)")
-
-
     p.add_argument("--f32-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="float32 models (no --quantization): weights stored [K, N] (kn) or output "
                         "channel first, [N, K] (nk); auto: what this CPU's kernels read fastest "

@@ -207,9 +207,9 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and ATTENTION_TARGET,
-    each followed by
-    `suffix` (the attention target then by "_f32" and "_int8", one per cache dtype)."""
+    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and
+    ATTENTION_TARGET, each followed by `suffix` (the attention target then by "_f32" and
+    "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (W8A8_TARGET + suffix, lib.XlrtW8a8Matmul),

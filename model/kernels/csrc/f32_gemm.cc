@@ -209,8 +209,4 @@ ffi::Error F32GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 extern "C" int xlrt_f32_gemm_path() { return XLRT_GEMM_AVX512 ? 2 : XLRT_GEMM_AVX2 ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Gemm, F32GemmImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              xlrt::F32MatmulBinding());

@@ -185,15 +185,7 @@ ffi::Error F32GemvNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32GemvNk, F32GemvNkImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              xlrt::F32MatmulBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Gemv, F32GemvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              xlrt::F32MatmulBinding());

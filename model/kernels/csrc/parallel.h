@@ -1,5 +1,6 @@
-// Shared by the xlrt CPU kernels (int8_matmul.cc, paged_attention.cc): work sharing over
-// XLA's intra-op thread pool.
+// Shared by the xlrt CPU kernels (int8_matmul.cc, paged_attention.cc, f32_gemv.cc,
+// f32_gemm.cc): work sharing over XLA's intra-op thread pool, and the float32 matmuls' FFI
+// signature.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +39,15 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::functi
   run();
   // Only tiles that were taken are outstanding: each is running on some thread right now.
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// The float32 matmuls' FFI signature: (thread pool, x, w) -> y, all float32.
+inline auto F32MatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace xlrt
