@@ -70,12 +70,17 @@ def xla_int8_dot(x, w, transpose_w):
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
 
 
+# Rows: one to a few (decode), and past the VNNI kernel's blocks of 6 and panels of 48 rows.
+ROWS = st.one_of(st.integers(1, 8), st.integers(9, 110))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 200),
+@given(m=ROWS, k=st.integers(1, 300), n=st.integers(1, 200),
        transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_matches_xla_int8_dot(int8_targets, m, k, n, transpose_w, seed):
-    """Bit-identical to XLA for ragged K (not a multiple of 4 or 64) and N (not a multiple of
-    the tiles), both weight layouts, and full int8 ranges, including -128."""
+    """Bit-identical to XLA for ragged M (partial row blocks and panels), K (not a multiple of 4
+    or 64) and N (not a multiple of the tiles), both weight layouts, and full int8 ranges,
+    including -128."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(-128, 128, (m, k), dtype=np.int8))
     w = jnp.asarray(rng.integers(-128, 128, (n, k) if transpose_w else (k, n), dtype=np.int8))
@@ -86,7 +91,7 @@ def test_matches_xla_int8_dot(int8_targets, m, k, n, transpose_w, seed):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 200),
+@given(m=ROWS, k=st.integers(1, 300), n=st.integers(1, 200),
        transpose_w=st.booleans(), seed=st.integers(0, 2**31 - 1),
        magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]))
 def test_w8a8_from_float_rows_matches_the_xla_ops(int8_targets, m, k, n, transpose_w, seed,
@@ -156,7 +161,8 @@ def test_decode_shapes_of_the_default_model(targets):
     """The shapes a SmolLM2-135M w8a8 decode step runs: projections and the tied LM head."""
     rng = np.random.default_rng(0)
     for m, k, n, transpose_w in [(1, 576, 960, False), (4, 576, 3072, False),
-                                 (2, 1536, 576, False), (1, 576, 49152, True),
+                                 (2, 1536, 576, False), (32, 576, 3072, False),
+                                 (29, 1536, 576, False), (1, 576, 49152, True),
                                  (1, 576, 3072, True), (3, 1536, 576, True)]:  # [N, K] layers
         x = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
         w = jnp.asarray(rng.integers(-127, 128, (n, k) if transpose_w else (k, n), np.int8))
@@ -176,13 +182,17 @@ def test_bad_shapes_name_the_problem():
 
 def test_used_only_where_it_should_be(targets):
     assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
-    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576)  # prefill: XLA's GEMM
+    # [K, N] weights with VNNI: decode batches up to INT8_KN_MAX_ROWS_VNNI rows; prefill: XLA.
+    vnni = cpu_ffi._state["vnni"]
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576) == vnni
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_KN_MAX_ROWS_VNNI, 576) == vnni
+    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_KN_MAX_ROWS_VNNI + 1, 576)
     assert not cpu_ffi.use_int8_matmul(1, cpu_ffi.INT8_MAX_K + 1)  # int32 sums could overflow
     # [N, K] weights on an AVX2 build: decode batches up to INT8_NK_MAX_ROWS_AVX2 rows.
     avx2 = cpu_ffi._state["simd"] == "avx2"
     assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == avx2
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True)
-    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=False)
+    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=True) or avx2
     with cpu_ffi.disabled():  # jax.export
         assert not cpu_ffi.use_int8_matmul(1, 576)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # sharded weights keep XLA's dot
