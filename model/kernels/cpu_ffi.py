@@ -100,11 +100,12 @@ INT8_MAX_ROWS = 2
 # measured, 2 to 32 (1.3-2.1x in a 30-layer chain of the default model's matmuls,
 # docs/PERFORMANCE.md), so it runs for decode batches up to this many rows there.
 INT8_NK_MAX_ROWS_AVX2 = 32
-# With [K, N] weights and AVX-512 VNNI, past INT8_MAX_ROWS rows the kernel packs each 64-column
-# tile once per call and runs 6 rows at a time over it in registers: 1.5-2.3x XLA's int8 dot at
-# 4-32 rows in a 30-layer chain of the default model's matmuls (docs/PERFORMANCE.md, session
-# 15), so it runs for decode batches up to this many rows.
-INT8_KN_MAX_ROWS_VNNI = 32
+# With AVX-512 VNNI, past INT8_MAX_ROWS rows the kernel packs each 64-column tile of the weight
+# once per call (a [N, K] one transposed) and runs 6 rows at a time over it in registers. In a
+# 30-layer chain of the default model's matmuls at 32 rows it ran 2.0x XLA's int8 dot with [K, N]
+# weights, 1.3x with [N, K] ones and 1.4x on the tied LM head (docs/PERFORMANCE.md, session 15),
+# so it runs for decode batches up to this many rows.
+INT8_MAX_ROWS_VNNI = 32
 # Weight-only int8 (float32 rows times int8 weights): up to this many rows per matmul.
 WEIGHT_ONLY_MAX_ROWS = 32
 # int32 accumulation of (x + 128) * w stays exact up to K = 2**31 / (255 * 128).
@@ -255,13 +256,13 @@ def _mesh_active() -> bool:
 def use_int8_matmul(rows: int, k: int, transpose_w: bool = False) -> bool:
     """Whether a traced w8a8 matmul of `rows` x `k` (weights [N, K] with transpose_w) runs the
     kernel (see the module docstring): up to INT8_MAX_ROWS rows, INT8_NK_MAX_ROWS_AVX2 for
-    [N, K] weights on an AVX2 build, INT8_KN_MAX_ROWS_VNNI for [K, N] weights with VNNI."""
+    [N, K] weights on an AVX2 build, INT8_MAX_ROWS_VNNI with VNNI."""
     if _disabled.get() or k > INT8_MAX_K or not _usable():
         return False
     if transpose_w and _state["simd"] == "avx2":
         return rows <= INT8_NK_MAX_ROWS_AVX2
-    if not transpose_w and _state["vnni"]:
-        return rows <= INT8_KN_MAX_ROWS_VNNI
+    if _state["vnni"]:
+        return rows <= INT8_MAX_ROWS_VNNI
     return rows <= INT8_MAX_ROWS
 
 

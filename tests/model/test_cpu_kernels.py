@@ -163,7 +163,8 @@ def test_decode_shapes_of_the_default_model(targets):
     for m, k, n, transpose_w in [(1, 576, 960, False), (4, 576, 3072, False),
                                  (2, 1536, 576, False), (32, 576, 3072, False),
                                  (29, 1536, 576, False), (1, 576, 49152, True),
-                                 (1, 576, 3072, True), (3, 1536, 576, True)]:  # [N, K] layers
+                                 (32, 576, 49152, True), (1, 576, 3072, True),
+                                 (3, 1536, 576, True)]:  # [N, K] layers
         x = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
         w = jnp.asarray(rng.integers(-127, 128, (n, k) if transpose_w else (k, n), np.int8))
         got = cpu_ffi.int8_matmul(x, w, transpose_w)
@@ -182,17 +183,19 @@ def test_bad_shapes_name_the_problem():
 
 def test_used_only_where_it_should_be(targets):
     assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
-    # [K, N] weights with VNNI: decode batches up to INT8_KN_MAX_ROWS_VNNI rows; prefill: XLA.
+    # With VNNI, either layout: decode batches up to INT8_MAX_ROWS_VNNI rows; prefill: XLA.
     vnni = cpu_ffi._state["vnni"]
-    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576) == vnni
-    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_KN_MAX_ROWS_VNNI, 576) == vnni
-    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_KN_MAX_ROWS_VNNI + 1, 576)
+    for transpose_w in (False, True):
+        assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w) == vnni
+        assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS_VNNI, 576, transpose_w) == vnni
+        assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS_VNNI + 1, 576, transpose_w)
     assert not cpu_ffi.use_int8_matmul(1, cpu_ffi.INT8_MAX_K + 1)  # int32 sums could overflow
     # [N, K] weights on an AVX2 build: decode batches up to INT8_NK_MAX_ROWS_AVX2 rows.
     avx2 = cpu_ffi._state["simd"] == "avx2"
-    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == avx2
+    nk_kernel = avx2 or vnni
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == nk_kernel
     assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True)
-    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=True) or avx2
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=True) == nk_kernel
     with cpu_ffi.disabled():  # jax.export
         assert not cpu_ffi.use_int8_matmul(1, 576)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # sharded weights keep XLA's dot

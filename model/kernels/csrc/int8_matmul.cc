@@ -164,8 +164,20 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
-// One block of R <= 6 rows, the 4 * R accumulators named variables.
-template <int R>
+// acc - corr for one row of a 64-column tile whose dword i of vector j is column 16 j + i.
+inline void store_plain(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const __m512i corr[4],
+                        int32_t* yr, int64_t width) {
+  const __m512i a[4] = {a0, a1, a2, a3};
+  for (int j = 0; j < 4 && 16 * j < width; ++j) {
+    const int64_t left = width - 16 * j;
+    const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+    _mm512_mask_storeu_epi32(yr + 16 * j, mask, _mm512_sub_epi32(a[j], corr[j]));
+  }
+}
+
+// One block of R <= 6 rows, the 4 * R accumulators named variables. Interleaved: the column
+// order of interleave4 (store_tile), else that of transpose16 (store_plain).
+template <int R, bool Interleaved>
 void packed_rows(const uint8_t* xu, int64_t kp, const __m512i* pk, const __m512i corr[4],
                  int32_t* y, int64_t N, int64_t width) {
   static_assert(R >= 1 && R <= kPackRows, "rows per block");
@@ -190,10 +202,43 @@ void packed_rows(const uint8_t* xu, int64_t kp, const __m512i* pk, const __m512i
     XLRT_ROW(0) XLRT_ROW(1) XLRT_ROW(2) XLRT_ROW(3) XLRT_ROW(4) XLRT_ROW(5)
 #undef XLRT_ROW
   }
-#define XLRT_STORE(i) \
-  if constexpr (R > i) store_tile(a##i##0, a##i##1, a##i##2, a##i##3, corr, y + i * N, width);
+#define XLRT_STORE(i)                                                                     \
+  if constexpr (R > i) {                                                                  \
+    if constexpr (Interleaved)                                                            \
+      store_tile(a##i##0, a##i##1, a##i##2, a##i##3, corr, y + i * N, width);             \
+    else                                                                                  \
+      store_plain(a##i##0, a##i##1, a##i##2, a##i##3, corr, y + i * N, width);            \
+  }
   XLRT_STORE(0) XLRT_STORE(1) XLRT_STORE(2) XLRT_STORE(3) XLRT_STORE(4) XLRT_STORE(5)
 #undef XLRT_STORE
+}
+
+// Every block of kPackRows rows of xu against the packed tile pk.
+template <bool Interleaved>
+void packed_all_rows(const uint8_t* xu, int64_t kp, const __m512i* pk, const __m512i corr[4],
+                     int32_t* y, int64_t M, int64_t N, int64_t n0, int64_t width) {
+  for (int64_t mb = 0; mb < M; mb += kPackRows) {
+    const uint8_t* xr = xu + mb * kp;
+    int32_t* yr = y + mb * N + n0;
+    switch (std::min<int64_t>(kPackRows, M - mb)) {
+      case 1: packed_rows<1, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+      case 2: packed_rows<2, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+      case 3: packed_rows<3, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+      case 4: packed_rows<4, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+      case 5: packed_rows<5, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+      default: packed_rows<6, Interleaved>(xr, kp, pk, corr, yr, N, width); break;
+    }
+  }
+}
+
+// This thread's buffer for one packed tile: kp / 4 groups of 4 vectors, 64-byte aligned
+// (std::vector<__m512i> does not align them).
+inline __m512i* pack_buffer(int64_t kp) {
+  thread_local std::vector<uint8_t> storage;
+  const size_t bytes = static_cast<size_t>(kp) * 64 + 64;
+  if (storage.size() < bytes) storage.resize(bytes);
+  return reinterpret_cast<__m512i*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~static_cast<uintptr_t>(63));
 }
 
 void kn_packed_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
@@ -201,12 +246,7 @@ void kn_packed_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, 
   const int64_t width = n1 - n0;
   const __mmask64 mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  // kp / 4 groups of 4 vectors, 64-byte aligned (std::vector<__m512i> does not align them).
-  thread_local std::vector<uint8_t> storage;
-  const size_t bytes = static_cast<size_t>(kp) * 64 + 64;
-  if (storage.size() < bytes) storage.resize(bytes);
-  __m512i* pk = reinterpret_cast<__m512i*>(
-      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~static_cast<uintptr_t>(63));
+  __m512i* pk = pack_buffer(kp);
   __m512i corr[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                      _mm512_setzero_si512()};
   for (int64_t k = 0; k < K; k += 4) {
@@ -223,18 +263,63 @@ void kn_packed_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, 
       _mm512_store_si512(pk + k + j, q[j]);
     }
   }
-  for (int64_t mb = 0; mb < M; mb += kPackRows) {
-    const uint8_t* xr = xu + mb * kp;
-    int32_t* yr = y + mb * N + n0;
-    switch (std::min<int64_t>(kPackRows, M - mb)) {
-      case 1: packed_rows<1>(xr, kp, pk, corr, yr, N, width); break;
-      case 2: packed_rows<2>(xr, kp, pk, corr, yr, N, width); break;
-      case 3: packed_rows<3>(xr, kp, pk, corr, yr, N, width); break;
-      case 4: packed_rows<4>(xr, kp, pk, corr, yr, N, width); break;
-      case 5: packed_rows<5>(xr, kp, pk, corr, yr, N, width); break;
-      default: packed_rows<6>(xr, kp, pk, corr, yr, N, width); break;
+  packed_all_rows<true>(xu, kp, pk, corr, y, M, N, n0, width);
+}
+
+// 16 rows of 16 dwords -> 16 vectors, dword i of out[t] = dword t of row i (unpacks within
+// 128-bit lanes, then a 4 x 4 transpose of the lanes).
+inline void transpose16(const __m512i r[16], __m512i out[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // lane L of u[4g + c]: dword 4L + c of rows 4g .. 4g + 3
+    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    out[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    out[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// [N, K], three or more rows: the tile's 64 weight rows (output columns) are transposed into
+// the packed form of kn_packed_vnni, 16 rows by 64 bytes of k at a time (transpose16), so the
+// same register blocks run over it; dword i of vector j is then column 16 j + i.
+void nk_packed_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, int64_t M,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t width = n1 - n0;
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i* pk = pack_buffer(kp);
+  __m512i corr[4] = {zero, zero, zero, zero};
+  const int64_t quads = kp / 4;
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 kmask = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1);
+    const int64_t q0 = k / 4, nq = std::min<int64_t>(16, quads - q0);
+    for (int j = 0; j < 4; ++j) {
+      __m512i rows[16], out[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * j + i;
+        rows[i] = n < n1 ? _mm512_maskz_loadu_epi8(kmask, w + n * K + k) : zero;
+      }
+      transpose16(rows, out);
+      for (int64_t t = 0; t < nq; ++t) {
+        corr[j] = _mm512_dpbusd_epi32(corr[j], c128, out[t]);
+        _mm512_store_si512(pk + 4 * (q0 + t) + j, out[t]);
+      }
     }
   }
+  packed_all_rows<false>(xu, kp, pk, corr, y, M, N, n0, width);
 }
 
 // [K, N], few rows: the same arithmetic over a range of kKnRange columns at a time, k outermost,
@@ -428,9 +513,9 @@ void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32
   const int64_t tile = transpose_w ? kNkTile : ranged ? kKnRange : kKnTile;
   const int64_t tiles = (N + tile - 1) / tile;
 #if XLRT_VNNI
-  // [K, N] with more rows than kRangeMaxRows: work items are panels of kPanelRows rows by one
-  // tile of columns, so a prefill's rows stay in cache while they pass over a packed tile.
-  const bool packed = !transpose_w && !ranged;
+  // More rows than kRangeMaxRows, either layout: work items are panels of kPanelRows rows by
+  // one packed tile of columns, so a prefill's rows stay in cache while they pass over it.
+  const bool packed = M > kRangeMaxRows;
   const int64_t panels = packed ? (M + kPanelRows - 1) / kPanelRows : 1;
   const int64_t kp = (K + 3) / 4 * 4;
   std::vector<uint8_t> xu(M * kp, 128);
@@ -441,7 +526,8 @@ void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32
     const int64_t n0 = (i % tiles) * tile, n1 = std::min(N, n0 + tile);
     if (packed) {
       const int64_t m0 = (i / tiles) * kPanelRows, m1 = std::min(M, m0 + kPanelRows);
-      kn_packed_vnni(xup + m0 * kp, kp, wp, yp + m0 * N, m1 - m0, K, N, n0, n1);
+      if (transpose_w) nk_packed_vnni(xup + m0 * kp, kp, wp, yp + m0 * N, m1 - m0, K, N, n0, n1);
+      else kn_packed_vnni(xup + m0 * kp, kp, wp, yp + m0 * N, m1 - m0, K, N, n0, n1);
       epilogue(m0, m1, n0, n1);
       return;
     }
