@@ -124,6 +124,18 @@ inline void interleave4(const int8_t* base, int64_t N, __mmask64 mask, int64_t r
   q[3] = _mm512_unpackhi_epi16(t1, t3);
 }
 
+// interleave4 of the four rows at base, after prefetching the same columns kPrefetchRows rows
+// ahead (where there are that many left).
+inline void fetch_quad(const int8_t* base, int64_t N, __mmask64 mask, int64_t rows_left,
+                       __m512i q[4]) {
+  if (rows_left > kPrefetchRows + 3) {
+    const char* pf = reinterpret_cast<const char*>(base + kPrefetchRows * N);
+    _mm_prefetch(pf, _MM_HINT_T0); _mm_prefetch(pf + N, _MM_HINT_T0);
+    _mm_prefetch(pf + 2 * N, _MM_HINT_T0); _mm_prefetch(pf + 3 * N, _MM_HINT_T0);
+  }
+  interleave4(base, N, mask, rows_left, q);
+}
+
 // acc - corr for one row of a 64-column tile, written back in column order (`width` columns).
 // The accumulators come by value, so that a caller's stay in registers through its loop.
 inline void store_tile(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const __m512i corr[4],
@@ -251,13 +263,8 @@ void kn_packed_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, 
                      _mm512_setzero_si512()};
   for (int64_t k = 0; k < K; k += 4) {
     const int8_t* base = w + k * N + n0;
-    if (k + kPrefetchRows + 3 < K) {
-      const char* pf = reinterpret_cast<const char*>(base + kPrefetchRows * N);
-      _mm_prefetch(pf, _MM_HINT_T0); _mm_prefetch(pf + N, _MM_HINT_T0);
-      _mm_prefetch(pf + 2 * N, _MM_HINT_T0); _mm_prefetch(pf + 3 * N, _MM_HINT_T0);
-    }
     __m512i q[4];
-    interleave4(base, N, mask, K - k, q);
+    fetch_quad(base, N, mask, K - k, q);
     for (int j = 0; j < 4; ++j) {
       corr[j] = _mm512_dpbusd_epi32(corr[j], c128, q[j]);
       _mm512_store_si512(pk + k + j, q[j]);
@@ -347,13 +354,8 @@ void kn_range_vnni(const uint8_t* xu, int64_t kp, const int8_t* w, int32_t* y, i
     const int8_t* base = w + k * N + n0;
     for (int64_t t = 0; t < tiles; ++t, base += 64) {
       const __mmask64 mask = t + 1 < tiles ? ~0ULL : last_mask;
-      if (k + kPrefetchRows + 3 < K) {
-        const char* pf = reinterpret_cast<const char*>(base + kPrefetchRows * N);
-        _mm_prefetch(pf, _MM_HINT_T0); _mm_prefetch(pf + N, _MM_HINT_T0);
-        _mm_prefetch(pf + 2 * N, _MM_HINT_T0); _mm_prefetch(pf + 3 * N, _MM_HINT_T0);
-      }
       __m512i q[4];
-      interleave4(base, N, mask, K - k, q);
+      fetch_quad(base, N, mask, K - k, q);
       __m512i* a = acc + t * per_tile;
       for (int j = 0; j < 4; ++j) a[4 * M + j] = _mm512_dpbusd_epi32(a[4 * M + j], c128, q[j]);
       for (int64_t i = 0; i < M; ++i)
