@@ -167,6 +167,7 @@ inline void store_tile(const __m512i acc[4], const __m512i corr[4], int32_t* yr,
 // (4 rows per pass) spent as many shuffles as multiplies: 25% of vpdpbusd's peak at 32 rows.
 constexpr int64_t kPackRows = 6;
 constexpr int64_t kPanelRows = 8 * kPackRows;  // rows per work item
+static_assert(kKnTile == 64 && kNkTile == 64, "a packed tile is 64 columns (4 vectors)");
 
 // acc + u8(a) . s8(b) per dword, accumulated in place. GCC 12 compiles _mm512_dpbusd_epi32 in a
 // register-blocked loop with a copy of the accumulator and a stack store per multiply (25% of
