@@ -507,11 +507,35 @@ ffi::Error CheckOrFinish(const std::string& name, X& x, ffi::Buffer<ffi::S8>& w,
   return error;
 }
 
-// y[M, N] (int32) = xp (int8 [M, K]) @ w, then epilogue(m0, m1, n0, n1) for each block of rows
-// and columns, on the thread that computed it (the block still in cache). M, N, K > 0.
+// Rows per task when a call prepares its rows (the flip to x + 128 below, or the quantization
+// of float rows) on the pool: only calls of many rows (prefill) share that work.
+constexpr int64_t kPrepRows = 32;
+
+// fn(m0, m1) over the rows [0, M) in blocks of kPrepRows, spread over the pool when there are
+// several blocks.
+template <typename Fn>
+void for_row_blocks(ffi::ThreadPool& pool, int64_t M, const Fn& fn) {
+  const int64_t blocks = (M + kPrepRows - 1) / kPrepRows;
+  if (blocks <= 1) {
+    fn(int64_t{0}, M);
+    return;
+  }
+  parallel_for(pool, blocks, [&](int64_t i) {
+    fn(i * kPrepRows, std::min(M, (i + 1) * kPrepRows));
+  });
+}
+
+// Bytes per row of the packed paths' x operand: K rounded up to a multiple of 4.
+inline int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
+
+// y[M, N] (int32) = x (int8 [M, K]) @ w, then epilogue(m0, m1, n0, n1) for each block of rows
+// and columns, on the thread that computed it (the block still in cache). M, N, K > 0. x comes
+// as xp, or on VNNI builds as xu: x + 128 as unsigned bytes (the sign bit flipped), rows
+// padded_k(K) apart, the padding 128 (zero); with xu null the call makes xu from xp.
 template <typename Epilogue>
-void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32_t* yp, int64_t M,
-                int64_t K, int64_t N, bool transpose_w, const Epilogue& epilogue) {
+void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const uint8_t* xu_ready, const int8_t* wp,
+                int32_t* yp, int64_t M, int64_t K, int64_t N, bool transpose_w,
+                const Epilogue& epilogue) {
   const bool ranged = !transpose_w && M <= kRangeMaxRows && XLRT_VNNI;
   const int64_t tile = transpose_w ? kNkTile : ranged ? kKnRange : kKnTile;
   const int64_t tiles = (N + tile - 1) / tile;
@@ -520,11 +544,20 @@ void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const int8_t* wp, int32
   // one packed tile of columns, so a prefill's rows stay in cache while they pass over it.
   const bool packed = M > kRangeMaxRows;
   const int64_t panels = packed ? (M + kPanelRows - 1) / kPanelRows : 1;
-  const int64_t kp = (K + 3) / 4 * 4;
-  std::vector<uint8_t> xu(M * kp, 128);
-  for (int64_t m = 0; m < M; ++m)  // x + 128 as an unsigned byte: its sign bit flipped
-    for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = static_cast<uint8_t>(xp[m * K + k]) ^ 0x80;
-  const uint8_t* xup = xu.data();
+  const int64_t kp = padded_k(K);
+  std::vector<uint8_t> xu_own;
+  if (!xu_ready) {
+    xu_own.resize(M * kp);
+    for_row_blocks(pool, M, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const uint8_t* __restrict src = reinterpret_cast<const uint8_t*>(xp + m * K);
+        uint8_t* __restrict dst = xu_own.data() + m * kp;
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k] ^ 0x80;
+        for (int64_t k = K; k < kp; ++k) dst[k] = 0x80;
+      }
+    });
+  }
+  const uint8_t* xup = xu_ready ? xu_ready : xu_own.data();
   parallel_for(pool, panels * tiles, [&](int64_t i) {
     const int64_t n0 = (i % tiles) * tile, n1 = std::min(N, n0 + tile);
     if (packed) {
@@ -570,7 +603,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   bool done;
   ffi::Error error = CheckOrFinish("xlrt_int8_matmul", x, w, y, transpose_w, &M, &K, &N, &done);
   if (done) return error;
-  Int8Matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N, transpose_w != 0,
+  Int8Matmul(pool, x.typed_data(), nullptr, w.typed_data(), y->typed_data(), M, K, N,
+             transpose_w != 0,
              [](int64_t, int64_t, int64_t, int64_t) {});
   return error;
 }
@@ -581,6 +615,45 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
 // the result has the bits of int8_rows, the int8 dot and the rescale run as XLA ops. Doing the
 // quantization and the rescale here saves XLA the fusions around each matmul (a max reduction,
 // the quantizing pass over x and the int32-to-float pass over y).
+// One float row xr[K] quantized as above into out[K], each byte XORed with flip (0x80 gives the
+// packed paths' x + 128); returns the row's scale s.
+inline float quantize_row(const float* __restrict xr, int64_t K, uint8_t* __restrict out,
+                          uint8_t flip) {
+  constexpr float kInv127 = static_cast<float>(1.0 / 127.0);
+  int64_t k = 0;
+  float amax = 0.0f;
+#if XLRT_QUANT_AVX2
+  // 8 lanes at a time (max is exact in any order; rounding, clamp and conversion per element)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float v : lanes) amax = std::max(amax, v);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+  const float s = amax > 0.0f ? amax * kInv127 : 1.0f;
+  const float inv = 1.0f / s;
+  k = 0;
+#if XLRT_QUANT_AVX2
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k),
+                     _mm_xor_si128(_mm_packs_epi16(q16, q16), vflip));
+  }
+#endif
+  for (; k < K; ++k) {
+    const float r = std::nearbyint(xr[k] * inv);  // the default rounding: half to even
+    out[k] = static_cast<uint8_t>(static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)))) ^ flip;
+  }
+  return s;
+}
+
 ffi::Error W8a8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::ResultBuffer<ffi::F32> y, int64_t transpose_w) {
   int64_t M, K, N;
@@ -589,50 +662,31 @@ ffi::Error W8a8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (done) return error;
   float* yp = y->typed_data();
   const float* xp = x.typed_data();
-  constexpr float kInv127 = static_cast<float>(1.0 / 127.0);
-  std::vector<int8_t> xq(M * K);
+  // VNNI builds quantize straight into the packed paths' operand (x + 128, rows padded to 4
+  // bytes), others into int8 rows.
+  const int64_t stride = XLRT_VNNI ? padded_k(K) : K;
+  const uint8_t flip = XLRT_VNNI ? 0x80 : 0;
+  std::vector<uint8_t> xq(M * stride, 0x80);
   std::vector<float> scale(M);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * K;
-    int8_t* qr = xq.data() + m * K;
-    int64_t k = 0;
-    float amax = 0.0f;
-#if XLRT_QUANT_AVX2
-    // 8 lanes at a time (max is exact in any order; rounding, clamp and conversion per element)
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 vmax = _mm256_setzero_ps();
-    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    for (float v : lanes) amax = std::max(amax, v);
-#endif
-    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-    const float s = amax > 0.0f ? amax * kInv127 : 1.0f;
-    const float inv = 1.0f / s;
-    scale[m] = s;
-    k = 0;
-#if XLRT_QUANT_AVX2
-    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    for (; k + 8 <= K; k += 8) {
-      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
-      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(q16, q16));
-    }
-#endif
-    for (; k < K; ++k) {
-      const float r = std::nearbyint(xr[k] * inv);  // the default rounding: half to even
-      qr[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
-    }
-  }
+  for_row_blocks(pool, M, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      scale[m] = quantize_row(xp + m * K, K, xq.data() + m * stride, flip);
+  });
   // The int32 sums go to y's own bytes (same size) and become floats in place, tile by tile.
   int32_t* acc = reinterpret_cast<int32_t*>(yp);
-  Int8Matmul(pool, xq.data(), w.typed_data(), acc, M, K, N, transpose_w != 0,
+  const int8_t* xq_signed = XLRT_VNNI ? nullptr : reinterpret_cast<const int8_t*>(xq.data());
+  const uint8_t* xq_unsigned = XLRT_VNNI ? xq.data() : nullptr;
+  Int8Matmul(pool, xq_signed, xq_unsigned, w.typed_data(), acc, M, K, N, transpose_w != 0,
              [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-               for (int64_t m = m0; m < m1; ++m)
-                 for (int64_t n = n0; n < n1; ++n)
-                   yp[m * N + n] = static_cast<float>(acc[m * N + n]) * scale[m];
+               for (int64_t m = m0; m < m1; ++m) {
+                 const float sm = scale[m];
+                 int32_t* row = acc + m * N;
+                 for (int64_t n = n0; n < n1; ++n) {
+                   // in place: each float replaces the int32 it is made from
+                   const float v = static_cast<float>(row[n]) * sm;
+                   std::memcpy(&row[n], &v, sizeof(v));
+                 }
+               }
              });
   return ffi::Error::Success();
 }
