@@ -37,9 +37,10 @@ Whether a matmul or attention uses a kernel is decided when its program is trace
 (`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_f32_gemm`,
 `use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
 partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
-exported programs carry no custom call), and for the row counts of decode (INT8_MAX_ROWS,
-WEIGHT_ONLY_MAX_ROWS, F32_GEMM_MAX_ROWS...); longer matmuls (prefill) are compute-bound GEMMs
-that XLA already runs well.
+exported programs carry no custom call), and for the row counts where they were measured faster
+than XLA: decode batches (INT8_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS, F32_GEMM_MAX_ROWS...), and with
+AVX-512 VNNI the w8a8 matmuls of prefill too (INT8_MAX_ROWS_VNNI). Other long matmuls are
+compute-bound GEMMs that XLA already runs well.
 """
 
 from __future__ import annotations
@@ -101,11 +102,12 @@ INT8_MAX_ROWS = 2
 # docs/PERFORMANCE.md), so it runs for decode batches up to this many rows there.
 INT8_NK_MAX_ROWS_AVX2 = 32
 # With AVX-512 VNNI, past INT8_MAX_ROWS rows the kernel packs each 64-column tile of the weight
-# once per call (a [N, K] one transposed) and runs 6 rows at a time over it in registers. In a
-# 30-layer chain of the default model's matmuls at 32 rows it ran 2.0x XLA's int8 dot with [K, N]
-# weights, 1.3x with [N, K] ones and 1.4x on the tied LM head (docs/PERFORMANCE.md, session 15),
-# so it runs for decode batches up to this many rows.
-INT8_MAX_ROWS_VNNI = 32
+# once per panel of rows (a [N, K] one transposed) and runs 6 rows at a time over it in registers.
+# In a 30-layer chain of the default model's matmuls at 32 rows it ran 2.0x XLA's int8 dot with
+# [K, N] weights, 1.3x with [N, K] ones and 1.4x on the tied LM head; at 128 to 2048 rows
+# (prefill) 1.6-2.3x, and at 4096 rows 1.1-1.5x (docs/PERFORMANCE.md, sessions 15 and 16). So it
+# runs for every call up to this many rows, the largest measured.
+INT8_MAX_ROWS_VNNI = 4096
 # Weight-only int8 (float32 rows times int8 weights): up to this many rows per matmul.
 WEIGHT_ONLY_MAX_ROWS = 32
 # int32 accumulation of (x + 128) * w stays exact up to K = 2**31 / (255 * 128).

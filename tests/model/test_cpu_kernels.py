@@ -183,7 +183,8 @@ def test_bad_shapes_name_the_problem():
 
 def test_used_only_where_it_should_be(targets):
     assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
-    # With VNNI, either layout: decode batches up to INT8_MAX_ROWS_VNNI rows; prefill: XLA.
+    # With VNNI, either layout: decode batches and prefill chunks up to INT8_MAX_ROWS_VNNI rows.
+    assert cpu_ffi.INT8_MAX_ROWS_VNNI >= 8 * 512  # the engine's default prefill: 8 x 512 tokens
     vnni = cpu_ffi._state["vnni"]
     for transpose_w in (False, True):
         assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w) == vnni
@@ -194,7 +195,7 @@ def test_used_only_where_it_should_be(targets):
     avx2 = cpu_ffi._state["simd"] == "avx2"
     nk_kernel = avx2 or vnni
     assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2, 576, transpose_w=True) == nk_kernel
-    assert not cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True)
+    assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_NK_MAX_ROWS_AVX2 + 1, 576, transpose_w=True) == vnni
     assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w=True) == nk_kernel
     with cpu_ffi.disabled():  # jax.export
         assert not cpu_ffi.use_int8_matmul(1, 576)
