@@ -32,6 +32,7 @@ from model.kernels import cpu_ffi, split_impl
 from model.layers import fuse_projection_loaders
 from model.quantize import int8_loaders, nk_loaders
 from model.registry import load_checkpoint
+from serving.host_memory import keep_freed_memory
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
@@ -90,6 +91,7 @@ class Engine(RequestFrontEnd):
                  enable_prefix_caching: bool = True, progress: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        keep_freed_memory()  # XLA's per-call temporaries reused, not faulted in again (glibc)
         if prefill_chunk & (prefill_chunk - 1) or prefill_chunk < MIN_PREFILL_BUCKET:
             raise ConfigError(f"prefill_chunk must be a power of two >= {MIN_PREFILL_BUCKET}, "
                               f"got {prefill_chunk}")
