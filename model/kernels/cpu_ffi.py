@@ -1,6 +1,6 @@
 """CPU kernels compiled on first use and called from XLA programs through the FFI.
 
-Decode matmuls with int8 weights (csrc/int8_matmul.cc):
+Matmuls with int8 weights (csrc/int8_matmul.cc; decode, and with AVX-512 VNNI w8a8 prefill):
 - `int8_matmul(xq, w)` (w8a8): int8 x int8 -> int32, bit-identical to XLA's dot (integer sums
   are exact), reading each weight byte once for all rows with AVX-512 VNNI where the CPU has it.
   XLA:CPU's generic int8 GEMM streams weights at a third of the memory bandwidth for one or two

@@ -3,6 +3,7 @@ dot, the weight-only matmul and the paged decode attention within float rounding
 both code paths (the CPU's vector extensions where it has them, the portable loops everywhere);
 used by the models only where they should be, and a clean fallback when they cannot be built."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.kernels import cpu_ffi, reference
+from serving import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GENERIC = "_generic_test"  # suffix of the portable build's targets
@@ -184,7 +186,9 @@ def test_bad_shapes_name_the_problem():
 def test_used_only_where_it_should_be(targets):
     assert cpu_ffi.use_int8_matmul(1, 576) and cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS, 64)
     # With VNNI, either layout: decode batches and prefill chunks up to INT8_MAX_ROWS_VNNI rows.
-    assert cpu_ffi.INT8_MAX_ROWS_VNNI >= 8 * 512  # the engine's default prefill: 8 x 512 tokens
+    defaults = inspect.signature(Engine).parameters  # the engine's default largest prefill call
+    assert cpu_ffi.INT8_MAX_ROWS_VNNI >= (defaults["prefill_chunk"].default
+                                          * defaults["max_prefill_seqs"].default)
     vnni = cpu_ffi._state["vnni"]
     for transpose_w in (False, True):
         assert cpu_ffi.use_int8_matmul(cpu_ffi.INT8_MAX_ROWS + 1, 576, transpose_w) == vnni

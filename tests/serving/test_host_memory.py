@@ -36,8 +36,9 @@ print(json.dumps({"applied": applied, "again": again, "faults": faults}))
 
 
 def probe(env_value):
-    env = dict(os.environ)
-    env.pop("XLRT_KEEP_FREED_MEMORY", None)
+    # No inherited allocator settings (GLIBC_TUNABLES, MALLOC_*_) in the child.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLRT_KEEP_FREED_MEMORY", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
     if env_value is not None:
         env["XLRT_KEEP_FREED_MEMORY"] = env_value
     out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], env=env, capture_output=True,
@@ -48,11 +49,13 @@ def probe(env_value):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_freed_memory_is_reused_and_the_env_turns_it_off():
-    pages = (96 << 20) // 4096
+    # Rounds compared with the first, not with a page count: with transparent huge pages a
+    # round may fault 2 MiB at a time.
     on = probe(None)
     assert on["applied"] and on["again"]
-    assert on["faults"][0] >= pages // 2  # the first round faults the block in
-    assert max(on["faults"][1:]) < pages // 20, on  # later rounds reuse it
+    first = on["faults"][0]
+    assert first > 0
+    assert max(on["faults"][1:]) <= first // 10, on  # later rounds reuse the first's memory
     off = probe("0")
     assert not off["applied"] and not off["again"]
-    assert min(off["faults"][1:]) >= pages // 2, off  # mmap'd and unmapped every round
+    assert min(off["faults"][1:]) >= off["faults"][0] // 2 > 0, off  # mapped afresh every round

@@ -1,6 +1,7 @@
 
 
-// xlrt CPU kernels for int8 weights at decode, called from XLA programs through the FFI.
+// xlrt CPU kernels for int8 weights (decode; w8a8 prefill with VNNI), called from XLA programs
+// through the FFI.
 //
 // XlrtInt8Matmul (w8a8): y[M, N] (int32) = x[M, K] (int8) @ w (int8), exact integer sums.
 // XLA:CPU runs this dot through a generic GEMM that streams int8 weights at ~6 GB/s for one or
@@ -160,8 +161,8 @@ inline void store_tile(const __m512i acc[4], const __m512i corr[4], int32_t* yr,
   store_tile(acc[0], acc[1], acc[2], acc[3], corr, yr, width);
 }
 
-// [K, N], three or more rows: a 64-column tile of the weight is interleaved once per call
-// (interleave4) into a buffer of this thread, with its corrections, and every block of
+// [K, N], three or more rows: a 64-column tile of the weight is interleaved once per panel of
+// rows (interleave4) into a buffer of this thread, with its corrections, and every block of
 // kPackRows rows then reads it back: 4 weight loads, kPackRows broadcasts and 4 * kPackRows
 // vpdpbusd per four k, the accumulators in registers. Interleaving per block of rows instead
 // (4 rows per pass) spent as many shuffles as multiplies: 25% of vpdpbusd's peak at 32 rows.
