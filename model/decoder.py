@@ -173,9 +173,14 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             if self.weight_quant != "none":  # int8 embedding rows [V, D]
                 b, t = x_btd.shape[:2]
+                # float32 w8a8: the embedding rows' scales applied in the matmul (the CPU
+                # kernel's epilogue instead of a pass over the logits; the same bits)
+                fold = self.weight_quant == "w8a8" and x_btd.dtype == jnp.float32
                 logits = matmul_2d(x_btd.reshape(b * t, -1), embedding, transpose_w=True,
-                                   weight_only=self.weight_quant == "int8")
+                                   weight_only=self.weight_quant == "int8",
+                                   col_scale=embed_scale if fold else None)
                 logits = logits.reshape(b, t, -1).astype(jnp.float32)
+                embed_scale = None if fold else embed_scale
             else:
                 logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding,
                                     preferred_element_type=jnp.float32)

@@ -87,10 +87,20 @@ def int8_rows(x2):
     return jnp.clip(jnp.round(x32 * (1.0 / scale)), -127, 127).astype(jnp.int8), scale
 
 
-def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False):
-    """x2 [M, K] @ w2 [K, N] (or w2 [N, K] transposed). An int8 w2 runs int8 x int8 with x2
-    quantized per row (w8a8: its scale applied here, the weight's by the caller), or with
-    weight_only float x2 times the int8 values (the weight's scale again the caller's)."""
+def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False, col_scale=None):
+    """x2 [M, K] @ w2 [K, N] (or w2 [N, K] transposed), times col_scale [N] if given. An int8 w2
+    runs int8 x int8 with x2 quantized per row (w8a8: its scale applied here, the weight's by the
+    caller or as col_scale), or with weight_only float x2 times the int8 values (the weight's
+    scale again the caller's or col_scale). Float32 w8a8 rows on the CPU kernel apply col_scale
+    in the kernel's epilogue, with the bits of the separate multiply every other path does."""
+    if (col_scale is not None and w2.dtype == jnp.int8 and not weight_only
+            and x2.dtype == jnp.float32 and col_scale.dtype == jnp.float32
+            and cpu_ffi.use_int8_matmul(x2.shape[0], x2.shape[1], transpose_w)):
+        return cpu_ffi.w8a8_matmul(x2, w2, transpose_w, col_scale=col_scale)
+    return scaled(_matmul_2d(x2, w2, transpose_w, weight_only), col_scale)
+
+
+def _matmul_2d(x2, w2, transpose_w: bool, weight_only: bool):
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
     if w2.dtype != jnp.int8:
         # Few float32 rows against [N, K] float32 weights on CPU: row dot products streamed in

@@ -395,8 +395,9 @@ def _usable() -> bool:
     return load()
 
 
-def _ffi_matmul(target, x, w, transpose_w, x_dtype, out_dtype, what):
-    """Checks x [M, K] and w [K, N] (or [N, K]) and calls the FFI matmul `target`."""
+def _ffi_matmul(target, x, w, transpose_w, x_dtype, out_dtype, what, extra=()):
+    """Checks x [M, K] and w [K, N] (or [N, K]) and calls the FFI matmul `target` on x, w and
+    `extra` operands."""
     if x.dtype != x_dtype or w.dtype != jnp.int8 or x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"{what} takes 2-D {jnp.dtype(x_dtype).name} x and int8 w, got "
                          f"{x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
@@ -406,7 +407,7 @@ def _ffi_matmul(target, x, w, transpose_w, x_dtype, out_dtype, what):
         raise ValueError(f"{what}: x has {k} columns but w contracts {kw}")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), out_dtype),
                             vmap_method="sequential")
-    return call(x, w, transpose_w=np.int64(bool(transpose_w)))
+    return call(x, w, *extra, transpose_w=np.int64(bool(transpose_w)))
 
 
 def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
@@ -415,12 +416,21 @@ def int8_matmul(xq, w, transpose_w: bool = False, target: str = TARGET):
     return _ffi_matmul(target, xq, w, transpose_w, jnp.int8, jnp.int32, "int8_matmul")
 
 
-def w8a8_matmul(x, w, transpose_w: bool = False, target: str = W8A8_TARGET):
+def w8a8_matmul(x, w, transpose_w: bool = False, target: str = W8A8_TARGET, *,
+                col_scale=None):
     """x float32 [M, K], each row quantized to int8 as model.layers.int8_rows does, @ w int8
-    [K, N] (or [N, K] with transpose_w), times the row's scale -> float32 [M, N] (the weight's
-    scale is the caller's): the bits of int8_rows, int8_matmul and the rescale as XLA ops, in
-    one FFI call (`target`)."""
-    return _ffi_matmul(target, x, w, transpose_w, jnp.float32, jnp.float32, "w8a8_matmul")
+    [K, N] (or [N, K] with transpose_w), times the row's scale -> float32 [M, N]: the bits of
+    int8_rows, int8_matmul and the rescale as XLA ops, in one FFI call (`target`). The weight's
+    scale is the caller's, or with col_scale (float32 [N]) applied here, after the row's, with
+    the bits of a separate `y * col_scale`."""
+    n = w.shape[0] if transpose_w else w.shape[-1]
+    if col_scale is None:
+        col_scale = jnp.ones((n,), jnp.float32)  # y * 1.0 is y, bit for bit
+    elif col_scale.shape != (n,) or col_scale.dtype != jnp.float32:
+        raise ValueError(f"w8a8_matmul: col_scale must be float32 [{n}] (one per output column), "
+                         f"got {col_scale.dtype}{list(col_scale.shape)}")
+    return _ffi_matmul(target, x, w, transpose_w, jnp.float32, jnp.float32, "w8a8_matmul",
+                       (col_scale,))
 
 
 def weight_only_matmul(x, w, transpose_w: bool = False, target: str = WEIGHT_ONLY_TARGET):

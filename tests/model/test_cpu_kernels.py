@@ -119,12 +119,20 @@ def test_w8a8_from_float_rows_matches_the_xla_ops(int8_targets, m, k, n, transpo
         return xla_int8_dot(xq, w, transpose_w).astype(jnp.float32) * xs
 
     want = np.asarray(reference(x, w))
+    # A per-column scale (the LM head's) applied in the epilogue: the bits of a separate multiply.
+    col = jnp.asarray(rng.uniform(1e-3, 2.0, n).astype(np.float32))
+    want_scaled = np.asarray(jax.jit(lambda x, w, c: reference(x, w) * c)(x, w, col))
     names = [t.replace(cpu_ffi.TARGET, cpu_ffi.W8A8_TARGET) for t in int8_targets]
     for target in names:
         got = jax.jit(lambda x, w, t=target: cpu_ffi.w8a8_matmul(x, w, transpose_w, t))(x, w)
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=target)
+        got = jax.jit(lambda x, w, c, t=target: cpu_ffi.w8a8_matmul(x, w, transpose_w, t,
+                                                                     col_scale=c))(x, w, col)
+        np.testing.assert_array_equal(np.asarray(got), want_scaled, err_msg=target)
     with pytest.raises(ValueError, match="float32 x and int8 w"):
         cpu_ffi.w8a8_matmul(x.astype(jnp.bfloat16), w, transpose_w)
+    with pytest.raises(ValueError, match=rf"col_scale must be float32 \[{n}\]"):
+        cpu_ffi.w8a8_matmul(x, w, transpose_w, col_scale=jnp.ones((n + 1,), jnp.float32))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
