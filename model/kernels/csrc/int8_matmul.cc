@@ -529,6 +529,17 @@ void for_row_blocks(ffi::ThreadPool& pool, int64_t M, const Fn& fn) {
 // Bytes per row of the packed paths' x operand: K rounded up to a multiple of 4.
 inline int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
 
+// A buffer of n bytes left uninitialized: every byte of a row operand is written by the rows'
+// preparation (values, then pad_row), so zero-filling it first would be a second pass.
+inline std::unique_ptr<uint8_t[]> row_buffer(int64_t n) {
+  return std::unique_ptr<uint8_t[]>(new uint8_t[n]);
+}
+
+// Bytes K .. kp of a packed operand row: 128, which is x = 0.
+inline void pad_row(uint8_t* row, int64_t K, int64_t kp) {
+  for (int64_t k = K; k < kp; ++k) row[k] = 0x80;
+}
+
 // y[M, N] (int32) = x (int8 [M, K]) @ w, then epilogue(m0, m1, n0, n1) for each block of rows
 // and columns, on the thread that computed it (the block still in cache). M, N, K > 0. x comes
 // as xp, or on VNNI builds as xu: x + 128 as unsigned bytes (the sign bit flipped), rows
@@ -546,19 +557,19 @@ void Int8Matmul(ffi::ThreadPool& pool, const int8_t* xp, const uint8_t* xu_ready
   const bool packed = M > kRangeMaxRows;
   const int64_t panels = packed ? (M + kPanelRows - 1) / kPanelRows : 1;
   const int64_t kp = padded_k(K);
-  std::vector<uint8_t> xu_own;
+  std::unique_ptr<uint8_t[]> xu_own;
   if (!xu_ready) {
-    xu_own.resize(M * kp);
+    xu_own = row_buffer(M * kp);
     for_row_blocks(pool, M, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         const uint8_t* __restrict src = reinterpret_cast<const uint8_t*>(xp + m * K);
-        uint8_t* __restrict dst = xu_own.data() + m * kp;
+        uint8_t* __restrict dst = xu_own.get() + m * kp;
         for (int64_t k = 0; k < K; ++k) dst[k] = src[k] ^ 0x80;
-        for (int64_t k = K; k < kp; ++k) dst[k] = 0x80;
+        pad_row(dst, K, kp);
       }
     });
   }
-  const uint8_t* xup = xu_ready ? xu_ready : xu_own.data();
+  const uint8_t* xup = xu_ready ? xu_ready : xu_own.get();
   parallel_for(pool, panels * tiles, [&](int64_t i) {
     const int64_t n0 = (i % tiles) * tile, n1 = std::min(N, n0 + tile);
     if (packed) {
@@ -610,14 +621,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   return error;
 }
 
-// w8a8 from float rows: y[M, N] (f32) = float(q(x) @ w) * s, where each row of x is quantized
-// as model.layers.int8_rows does: s = max|x| * float(1/127) (1 for a zero row), q(x) =
-// clip(round_half_even(x * (1 / s)), -127, 127). The same float operations in the same order, so
-// the result has the bits of int8_rows, the int8 dot and the rescale run as XLA ops. Doing the
-// quantization and the rescale here saves XLA the fusions around each matmul (a max reduction,
-// the quantizing pass over x and the int32-to-float pass over y).
-// One float row xr[K] quantized as above into out[K], each byte XORed with flip (0x80 gives the
-// packed paths' x + 128); returns the row's scale s.
+// One float row xr[K] quantized as W8a8MatmulImpl below describes, into out[K], each byte
+// XORed with flip (0x80 gives the packed paths' x + 128); returns the row's scale s.
 inline float quantize_row(const float* __restrict xr, int64_t K, uint8_t* __restrict out,
                           uint8_t flip) {
   constexpr float kInv127 = static_cast<float>(1.0 / 127.0);
@@ -655,6 +660,13 @@ inline float quantize_row(const float* __restrict xr, int64_t K, uint8_t* __rest
   return s;
 }
 
+// w8a8 from float rows: y[M, N] (f32) = float(q(x) @ w) * s, where each row of x is quantized
+// as model.layers.int8_rows does: s = max|x| * float(1/127) (1 for a zero row), q(x) =
+// clip(round_half_even(x * (1 / s)), -127, 127). The same float operations in the same order, so
+// the result has the bits of int8_rows, the int8 dot and the rescale run as XLA ops. Doing the
+// quantization and the rescale here saves XLA the fusions around each matmul (a max reduction,
+// the quantizing pass over x and the int32-to-float pass over y).
+//
 // col_scale [N] then multiplies each output column (the weight's per-channel scale, where the
 // caller has no other use for the unscaled product: the LM head), after the row's scale, as
 // XLA's separate multiply would.
@@ -678,16 +690,18 @@ ffi::Error W8a8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   // bytes), others into int8 rows.
   const int64_t stride = XLRT_VNNI ? padded_k(K) : K;
   const uint8_t flip = XLRT_VNNI ? 0x80 : 0;
-  std::vector<uint8_t> xq(M * stride, 0x80);
+  std::unique_ptr<uint8_t[]> xq = row_buffer(M * stride);
   std::vector<float> scale(M);
   for_row_blocks(pool, M, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      scale[m] = quantize_row(xp + m * K, K, xq.data() + m * stride, flip);
+    for (int64_t m = m0; m < m1; ++m) {
+      scale[m] = quantize_row(xp + m * K, K, xq.get() + m * stride, flip);
+      pad_row(xq.get() + m * stride, K, stride);
+    }
   });
   // The int32 sums go to y's own bytes (same size) and become floats in place, tile by tile.
   int32_t* acc = reinterpret_cast<int32_t*>(yp);
-  const int8_t* xq_signed = XLRT_VNNI ? nullptr : reinterpret_cast<const int8_t*>(xq.data());
-  const uint8_t* xq_unsigned = XLRT_VNNI ? xq.data() : nullptr;
+  const int8_t* xq_signed = XLRT_VNNI ? nullptr : reinterpret_cast<const int8_t*>(xq.get());
+  const uint8_t* xq_unsigned = XLRT_VNNI ? xq.get() : nullptr;
   Int8Matmul(pool, xq_signed, xq_unsigned, w.typed_data(), acc, M, K, N, transpose_w != 0,
              [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                // In place: each float replaces the int32 it is made from, (sum * row scale) *
