@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.kernels import cpu_ffi
 from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
                           LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, linear, matmul_2d,
                           scaled, weight)
@@ -181,6 +182,12 @@ class Decoder(nn.Module):
                                    col_scale=embed_scale if fold else None)
                 logits = logits.reshape(b, t, -1).astype(jnp.float32)
                 embed_scale = None if fold else embed_scale
+            elif (x_btd.dtype == jnp.float32 and embedding.dtype == jnp.float32
+                  and cpu_ffi.use_f32_matmul_nk(x_btd.shape[0] * x_btd.shape[1], jnp.float32)):
+                # decode rows on CPU: the embedding rows are [V, D], the kernel's [N, K]
+                b, t = x_btd.shape[:2]
+                logits = cpu_ffi.f32_matmul_nk(x_btd.reshape(b * t, -1), embedding)
+                logits = logits.reshape(b, t, -1)
             else:
                 logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding,
                                     preferred_element_type=jnp.float32)

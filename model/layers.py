@@ -103,11 +103,11 @@ def matmul_2d(x2, w2, transpose_w: bool = False, weight_only: bool = False, col_
 def _matmul_2d(x2, w2, transpose_w: bool, weight_only: bool):
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
     if w2.dtype != jnp.int8:
-        # Few float32 rows against [N, K] float32 weights on CPU: row dot products streamed in
-        # order (cpu_ffi.f32_gemv_nk).
+        # Decode rows of float32 against [N, K] float32 weights on CPU: register-blocked dot
+        # products, each weight row streamed in order (cpu_ffi.f32_matmul_nk).
         if (transpose_w and x2.dtype == jnp.float32
-                and cpu_ffi.use_f32_gemv_nk(x2.shape[0], w2.dtype)):
-            return cpu_ffi.f32_gemv_nk(x2, w2)
+                and cpu_ffi.use_f32_matmul_nk(x2.shape[0], w2.dtype)):
+            return cpu_ffi.f32_matmul_nk(x2, w2)
         # Few float32 rows into a narrow output on CPU: split over K (cpu_ffi.f32_gemv).
         if (not transpose_w and x2.dtype == jnp.float32
                 and cpu_ffi.use_f32_gemv(x2.shape[0], w2.shape[1], w2.dtype)):

@@ -65,7 +65,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc",
+SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc", CSRC / "f32_nk.cc",
            CSRC / "f32_gemm.cc")
 HEADERS = (CSRC / "parallel.h", CSRC / "gemm_avx2.h")
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
@@ -73,7 +73,7 @@ W8A8_TARGET = "xlrt_w8a8_matmul"  # float32 rows quantized in the kernel x int8 
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 F32_GEMM_TARGET = "xlrt_f32_gemm"  # float32 x float32, register-blocked (batched decode)
-F32_GEMV_NK_TARGET = "xlrt_f32_gemv_nk"  # float32 x float32 [N, K], row dot products (decode)
+F32_MATMUL_NK_TARGET = "xlrt_f32_matmul_nk"  # float32 x float32 [N, K], register-blocked dots
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
 # Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
@@ -91,6 +91,9 @@ F32_GEMV_WIDE_MAX_N = 4096
 # rows, slower at 2-8 (those keep the GEMV or XLA's dot); more rows were not measured.
 F32_GEMM_MIN_ROWS = 9
 F32_GEMM_MAX_ROWS = 32
+# Float32 matmuls with [N, K] weights and up to this many rows (decode batches; prefill chunks
+# keep XLA's dot, as fast with either layout) run f32_matmul_nk.
+F32_NK_MAX_ROWS = 32
 # Query tokens per sequence up to which attention over the paged cache runs the kernel (decode).
 ATTENTION_MAX_QUERY_LEN = 8
 # Rows (batch x query tokens) up to which the kernel replaces XLA's dot: decode batches. Past
@@ -215,7 +218,7 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_GEMV_NK_TARGET and
+    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_MATMUL_NK_TARGET and
     ATTENTION_TARGET, each followed by `suffix` (the attention target then by "_f32" and
     "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
@@ -224,7 +227,7 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
                          (WEIGHT_ONLY_TARGET + suffix, lib.XlrtF32Int8Matmul),
                          (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
                          (F32_GEMM_TARGET + suffix, lib.XlrtF32Gemm),
-                         (F32_GEMV_NK_TARGET + suffix, lib.XlrtF32GemvNk),
+                         (F32_MATMUL_NK_TARGET + suffix, lib.XlrtF32MatmulNk),
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
                          (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -298,30 +301,32 @@ def int8_weight_layout() -> str:
 
 def f32_weight_layout() -> str:
     """The layout float32 engines store their layer weights in on this CPU: "nk" (output
-    channel first, model.decoder.Decoder(nk_weights=True)) on AVX2 without AVX-512, where
-    f32_gemv_nk streams it faster at batch 1 than XLA's dot streams [K, N] (docs/PERFORMANCE.md,
-    session 13); "kn" with AVX-512 (its GEMV and GEMM kernels read [K, N]) or without the
-    kernels (XLA's dot)."""
-    if _state["lib"] is None or _state["simd"] != "avx2":
+    channel first, model.decoder.Decoder(nk_weights=True)) with the AVX2 or AVX-512 kernels,
+    which f32_matmul_nk streams faster at batch 1 than any [K, N] path and runs as fast at 8
+    rows (docs/PERFORMANCE.md, sessions 13 and 17); "kn" without them (XLA's dot, or the
+    portable loops)."""
+    if _state["lib"] is None or _state["simd"] not in ("avx2", "avx512"):
         return "kn"
     return "nk"
 
 
-def use_f32_gemv_nk(rows: int, dtype) -> bool:
+def use_f32_matmul_nk(rows: int, dtype) -> bool:
     """Whether a traced float32 matmul of `rows` rows against a [N, K] weight runs
-    f32_gemv_nk: up to F32_GEMV_MAX_ROWS rows (decode batches of 1-4 sequences)."""
-    if _disabled.get() or rows > F32_GEMV_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
+    f32_matmul_nk: up to F32_NK_MAX_ROWS rows (decode batches), with the AVX2 or AVX-512
+    kernels (the portable loops are slower than XLA's dot)."""
+    if _disabled.get() or rows > F32_NK_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
         return False
-    return _usable()
+    return _usable() and _state["simd"] in ("avx2", "avx512")
 
 
-def f32_gemv_nk(x, w, target: str = F32_GEMV_NK_TARGET):
-    """x float32 [M, K] @ w float32 [N, K]^T -> float32 [M, N] (M <= F32_GEMV_MAX_ROWS), one
-    dot product per output (csrc/f32_gemv.cc), through the registered FFI `target`."""
+def f32_matmul_nk(x, w, target: str = F32_MATMUL_NK_TARGET):
+    """x float32 [M, K] @ w float32 [N, K]^T -> float32 [M, N], register-blocked dot products
+    (csrc/f32_nk.cc), through the registered FFI `target`. Each output is summed in one fixed
+    order, so a row gets the same bits in any batch."""
     if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 2 or w.ndim != 2
-            or x.shape[1] != w.shape[1] or x.shape[0] > F32_GEMV_MAX_ROWS):
-        raise ValueError(f"f32_gemv_nk takes float32 x [M <= {F32_GEMV_MAX_ROWS}, K] and w "
-                         f"[N, K], got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
+            or x.shape[1] != w.shape[1]):
+        raise ValueError(f"f32_matmul_nk takes float32 x [M, K] and w [N, K], "
+                         f"got {x.dtype}{list(x.shape)} and {w.dtype}{list(w.shape)}")
     return _f32_matmul(target, True, x, w)
 
 

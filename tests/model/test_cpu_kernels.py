@@ -436,70 +436,109 @@ def test_paged_attention_used_only_where_it_should_be(targets):
         assert not cpu_ffi.use_paged_attention(q, cache)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", pytest.param("int8", marks=pytest.mark.slow)])
-def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targets,
+@pytest.mark.parametrize("layout,kv_cache_dtype", [
+    ("nk", "auto"), ("kn", "auto"), pytest.param("nk", "int8", marks=pytest.mark.slow)])
+def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targets, layout,
                                                          kv_cache_dtype):
-    """A float32 engine decodes through the attention kernel and the split-K GEMV (its decode
-    program calls both) and gives the greedy tokens of XLA's ops, alone and batched, with
-    prompts that span several pages."""
+    """A float32 engine decodes through the attention kernel and the float32 matmul kernel of
+    its weight layout (the [N, K] one with "nk", the split-K GEMV with "kn"; its decode program
+    calls both) and gives the greedy tokens of XLA's ops, alone and batched, with prompts that
+    span several pages."""
     import functools
 
     from model.decoder import decode_step
     prompts = [[5, 17, 99, 3], list(range(1, 60)), [42], list(range(100, 137))]
-    eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
+    eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8, f32_weight_layout=layout)
+    matmul = cpu_ffi.F32_MATMUL_NK_TARGET if layout == "nk" else cpu_ffi.F32_GEMV_TARGET
     # Two rows: the GEMV's case on every CPU (one row keeps XLA's dot on AVX2).
     args = (eng.params, jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32), eng.cache,
             jnp.ones((2, 4), jnp.int32))
     hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
-    assert cpu_ffi.ATTENTION_TARGET in hlo and cpu_ffi.F32_GEMV_TARGET in hlo
+    assert cpu_ffi.ATTENTION_TARGET in hlo and matmul in hlo
     batched = [o.token_ids for o in eng.generate(prompts, max_new_tokens=12)]
     alone = [eng.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
     with cpu_ffi.disabled():
-        plain = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8)
+        plain = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8,
+                                 f32_weight_layout=layout)
         hlo = jax.jit(functools.partial(decode_step, plain.model)).lower(*args).as_text()
-        assert cpu_ffi.ATTENTION_TARGET not in hlo and cpu_ffi.F32_GEMV_TARGET not in hlo
+        assert cpu_ffi.ATTENTION_TARGET not in hlo and matmul not in hlo
         want = [o.token_ids for o in plain.generate(prompts, max_new_tokens=12)]
     assert batched == alone == want
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=st.integers(1, cpu_ffi.F32_GEMV_MAX_ROWS), k=st.integers(1, 700),
-       n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
-def test_f32_gemv_nk_matches_xla(targets, m, k, n, seed):
-    """The [N, K] float32 GEMV: XLA's dot to float rounding, for K below, at and past whole
-    32-lane blocks and N not a multiple of the 64-row work items, on both builds; each row's
-    result does not depend on the other rows (the same bits alone and batched)."""
+@pytest.fixture(scope="module")
+def nk_targets(targets, avx2_build):
+    """The [N, K] float32 matmul of the default build, the portable one and the AVX2 one."""
+    names = [cpu_ffi.F32_MATMUL_NK_TARGET, cpu_ffi.F32_MATMUL_NK_TARGET + GENERIC]
+    return names + [cpu_ffi.F32_MATMUL_NK_TARGET + AVX2] * avx2_build
+
+
+def nk_call(target):
+    return jax.jit(lambda x, w: cpu_ffi.f32_matmul_nk(x, w, target))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.one_of(st.integers(1, 9), st.integers(10, 40)),
+       k=st.one_of(st.integers(0, 40), st.integers(41, 1100)),
+       n=st.one_of(st.integers(1, 13), st.integers(14, 300)), seed=st.integers(0, 2**31 - 1))
+def test_f32_matmul_nk_matches_xla(nk_targets, m, k, n, seed):
+    """The [N, K] float32 matmul: XLA's dot to float rounding for row counts past and between
+    the register blocks (4 with AVX-512, 2 with AVX2), K below, at and past whole vectors and
+    past the length (~1000) where the loop order changes, N across ragged weight-row groups
+    (6, 4) and 48-row work items, on every build; and each row's bits do not depend on the
+    other rows (the same alone, in a batch or in a block of another shape)."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
     want = np.asarray(jnp.dot(x, w.T, precision="highest"))
     bound = 1e-5 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)).T + 1)
-    for target in (cpu_ffi.F32_GEMV_NK_TARGET, cpu_ffi.F32_GEMV_NK_TARGET + GENERIC):
-        call = jax.jit(lambda x, w, t=target: cpu_ffi.f32_gemv_nk(x, w, t))
+    for target in nk_targets:
+        call = nk_call(target)
         got = np.asarray(call(x, w))
         assert np.all(np.abs(got - want) <= bound), target
         np.testing.assert_array_equal(np.asarray(call(x[-1:], w)), got[-1:])
+        # The last weight row lands in another column of its register block.
+        np.testing.assert_array_equal(np.asarray(call(x, w[-1:]))[:, 0], got[:, -1])
 
 
-def test_f32_gemv_nk_use_gradient_and_errors(targets):
-    assert cpu_ffi.use_f32_gemv_nk(cpu_ffi.F32_GEMV_MAX_ROWS, jnp.float32)
-    assert not cpu_ffi.use_f32_gemv_nk(cpu_ffi.F32_GEMV_MAX_ROWS + 1, jnp.float32)
-    assert not cpu_ffi.use_f32_gemv_nk(1, jnp.bfloat16)
+def test_f32_matmul_nk_is_batch_invariant_and_selected_where_it_should_be(nk_targets):
+    """At the default model's shapes a row gets the same bits alone, in a batch of 32 and in
+    any place of it, on every build, and the same on the AVX2 and AVX-512 builds; the selection rules (AVX2 or
+    AVX-512 builds, up to F32_NK_MAX_ROWS rows), the layout engines pick, the gradient and a
+    clear error for bad shapes."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((32, 1536), dtype=np.float32))
+    for n, k in ((960, 576), (576, 1536), (3072, 576), (4099, 576)):
+        w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+        fulls = {}
+        for target in nk_targets:
+            call = nk_call(target)
+            full = fulls[target] = np.asarray(call(x[:, :k], w))
+            np.testing.assert_array_equal(np.asarray(call(x[21:30, :k], w)), full[21:30])
+            np.testing.assert_array_equal(np.asarray(call(x[7:8, :k], w)), full[7:8])
+        if cpu_ffi.F32_MATMUL_NK_TARGET + AVX2 in fulls:  # 16-lane sums in both builds
+            np.testing.assert_array_equal(fulls[cpu_ffi.F32_MATMUL_NK_TARGET + AVX2],
+                                          fulls[cpu_ffi.F32_MATMUL_NK_TARGET])
+    vector = cpu_ffi._state["simd"] in ("avx2", "avx512")
+    assert cpu_ffi.use_f32_matmul_nk(1, jnp.float32) == vector
+    assert cpu_ffi.use_f32_matmul_nk(cpu_ffi.F32_NK_MAX_ROWS, jnp.float32) == vector
+    assert not cpu_ffi.use_f32_matmul_nk(cpu_ffi.F32_NK_MAX_ROWS + 1, jnp.float32)  # prefill
+    assert not cpu_ffi.use_f32_matmul_nk(1, jnp.bfloat16)
     with cpu_ffi.disabled():
-        assert not cpu_ffi.use_f32_gemv_nk(1, jnp.float32)
+        assert not cpu_ffi.use_f32_matmul_nk(1, jnp.float32)
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-        assert not cpu_ffi.use_f32_gemv_nk(1, jnp.float32)
-    assert cpu_ffi.f32_weight_layout() == ("nk" if cpu_ffi._state["simd"] == "avx2" else "kn")
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 96), dtype=np.float32))
-    w = jnp.asarray(rng.standard_normal((40, 96), dtype=np.float32))
-    got = jax.grad(lambda x, w: (cpu_ffi.f32_gemv_nk(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+        assert not cpu_ffi.use_f32_matmul_nk(1, jnp.float32)
+    assert cpu_ffi.f32_weight_layout() == ("nk" if vector else "kn")
+    xs = x[:6, :96]
+    ws = jnp.asarray(rng.standard_normal((40, 96), dtype=np.float32))
+    got = jax.grad(lambda x, w: (cpu_ffi.f32_matmul_nk(x, w) ** 2).sum(), argnums=(0, 1))(xs, ws)
     want = jax.grad(lambda x, w: (jnp.dot(x, w.T, precision="highest") ** 2).sum(),
-                    argnums=(0, 1))(x, w)
+                    argnums=(0, 1))(xs, ws)
     for g, h in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"float32 x \[M <= 4, K\] and w \[N, K\]"):
-        cpu_ffi.f32_gemv_nk(jnp.zeros((1, 95), jnp.float32), w)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError,
+                       match=r"f32_matmul_nk takes float32 x \[M, K\] and w \[N, K\]"):
+        cpu_ffi.f32_matmul_nk(jnp.zeros((1, 95), jnp.float32), ws)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -600,25 +639,42 @@ def test_f32_gemm_is_batch_invariant_and_selected_where_it_should_be(gemm_target
 
 
 def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine, targets):
+    """With [K, N] weights, 16 rows run the GEMM (AVX-512 builds) and 8 rows XLA's dot; with
+    [N, K] weights every decode batch up to F32_NK_MAX_ROWS runs the [N, K] kernel, the tied LM
+    head included (the embedding is [V, D])."""
+    import dataclasses
     import functools
 
+    from model.config import get_preset
     from model.decoder import decode_step
-    eng = make_tiny_engine(page_size=8)
-    for rows, called in ((16, cpu_ffi.status()["gemm_simd"]), (8, False)):
-        args = (eng.params, jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                eng.cache, jnp.ones((rows, 4), jnp.int32))
-        hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
-        assert (cpu_ffi.F32_GEMM_TARGET in hlo) == called, rows
+    kn = make_tiny_engine(page_size=8, f32_weight_layout="kn")
+    tied = dataclasses.replace(get_preset("tiny"), bos_id=256, eos_id=257, tie_embeddings=True)
+    nk = make_tiny_engine(tied, page_size=8, f32_weight_layout="nk")
+    vector = cpu_ffi._state["simd"] in ("avx2", "avx512")
+    for rows, gemm in ((16, cpu_ffi.status()["gemm_simd"]), (8, False)):
+        args = (kn.params, jnp.ones((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32),
+                kn.cache, jnp.ones((rows, 4), jnp.int32))
+        hlo = jax.jit(functools.partial(decode_step, kn.model)).lower(*args).as_text()
+        assert (cpu_ffi.F32_GEMM_TARGET in hlo) == gemm, rows
+        assert cpu_ffi.F32_MATMUL_NK_TARGET not in hlo
+        args = (nk.params,) + args[1:3] + (nk.cache,) + args[4:]
+        hlo = jax.jit(functools.partial(decode_step, nk.model)).lower(*args).as_text()
+        # q|k|v, attention output, gate|up and down in each layer, and the tied LM head
+        assert hlo.count(f"custom_call @{cpu_ffi.F32_MATMUL_NK_TARGET}(") == (
+            4 * nk.model.config.num_layers + 1 if vector else 0), rows
+        assert cpu_ffi.F32_GEMM_TARGET not in hlo
 
 
 @pytest.mark.slow
-def test_float32_batch_of_sixteen_decodes_the_same_with_the_gemm(make_tiny_engine, targets):
-    """Twelve sequences decode in the 16-row batch bucket, whose program calls the GEMM: the
-    same greedy tokens as with XLA's ops."""
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_float32_batch_of_sixteen_decodes_the_same_with_the_gemm(make_tiny_engine, targets,
+                                                                 layout):
+    """Twelve sequences decode in the 16-row batch bucket, whose program calls the GEMM ("kn")
+    or the [N, K] kernel ("nk"): the same greedy tokens as with XLA's ops."""
     prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 5 * i)] for i in range(12)]
-    batched = [o.token_ids for o in make_tiny_engine(page_size=8).generate(
-        prompts, max_new_tokens=8)]
+    batched = [o.token_ids for o in make_tiny_engine(page_size=8, f32_weight_layout=layout)
+               .generate(prompts, max_new_tokens=8)]
     with cpu_ffi.disabled():
-        want = [o.token_ids for o in make_tiny_engine(page_size=8).generate(
-            prompts, max_new_tokens=8)]
+        want = [o.token_ids for o in make_tiny_engine(page_size=8, f32_weight_layout=layout)
+                .generate(prompts, max_new_tokens=8)]
     assert batched == want

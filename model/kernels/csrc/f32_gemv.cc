@@ -11,18 +11,7 @@
 // not depend on which thread ran what.
 // Float sums run in another order than XLA's: results agree to float rounding, not bits.
 //
-// XlrtF32GemvNk: y[M, N] = x[M, K] @ w[N, K]^T for up to four rows, the weight stored output
-// channel first (Engine(f32_weight_layout="nk")). Each output is a dot product of two contiguous
-// rows, so a work item (64 weight rows) is one sequential read, one weight row at a time: on an
-// AMD EPYC (Zen 3, AVX2) the 30 layers' matmuls read 14-17% faster this way than XLA's dot over
-// [K, N] in the same process, and faster than reading four rows side by side
-// (docs/PERFORMANCE.md, session 13).
-//
 // Plain loops that the compiler vectorizes (-O3 -march=native): one source for every CPU.
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -69,20 +58,18 @@ void accumulate(const float* x, const float* w, float* part, int64_t M, int64_t 
   }
 }
 
-// x [M, K], w [K, N] (or [N, K] with nk), y [M, N], M <= kMaxRows: sets M, K, N or names the
-// problem.
+// x [M, K], w [K, N], y [M, N], M <= kMaxRows: sets M, K, N or names the problem.
 template <typename Dims>
-ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, bool nk, int64_t* M,
-                     int64_t* K, int64_t* N) {
+ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t* M, int64_t* K,
+                     int64_t* N) {
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
     return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
   }
   *M = xd[0];
   *K = xd[1];
-  *N = nk ? wd[0] : wd[1];
-  if ((nk ? wd[1] : wd[0]) != *K || yd[0] != *M || yd[1] != *N) {
-    return ffi::Error::InvalidArgument(name + (nk ? ": expected x [M, K], w [N, K], y [M, N]"
-                                                  : ": expected x [M, K], w [K, N], y [M, N]"));
+  *N = wd[1];
+  if (wd[0] != *K || yd[0] != *M || yd[1] != *N) {
+    return ffi::Error::InvalidArgument(name + ": expected x [M, K], w [K, N], y [M, N]");
   }
   if (*M > kMaxRows) {
     return ffi::Error::InvalidArgument(name + ": at most " + std::to_string(kMaxRows) + " rows");
@@ -94,7 +81,7 @@ ffi::Error F32GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::ResultBuffer<ffi::F32> y) {
   int64_t M, K, N;
   ffi::Error error = CheckDims("xlrt_f32_gemv", x.dimensions(), w.dimensions(), y->dimensions(),
-                                false, &M, &K, &N);
+                                &M, &K, &N);
   if (error.failure()) return error;
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
@@ -125,67 +112,7 @@ ffi::Error F32GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-constexpr int64_t kNkRowsPerItem = 64;  // weight rows (outputs) per work item, [N, K]
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(XLRT_FORCE_GENERIC)
-// One dot product: four vectors of partial sums (lane j of vector v sums the terms k with
-// k mod 32 = 8v + j, in ascending k), added in a fixed order, then the tail past the last whole
-// 32: a row's result does not depend on M or on the thread.
-inline float dot_avx2(const float* x, const float* w, int64_t K) {
-  const int64_t kv = K / 32 * 32;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t k = 0; k < kv; k += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
-  }
-  const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  float sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  for (int64_t k = kv; k < K; ++k) sum += x[k] * w[k];
-  return sum;
-}
-#define XLRT_NK_DOT dot_avx2
-#else
-inline float dot_generic(const float* x, const float* w, int64_t K) {
-  float sum = 0.0f;
-  for (int64_t k = 0; k < K; ++k) sum += x[k] * w[k];
-  return sum;
-}
-#define XLRT_NK_DOT dot_generic
-#endif
-
-// y[m, n] for n in [n0, n1): weight row by weight row (a sequential read), each row dotted with
-// the M x rows while it is in L1.
-void nk_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = XLRT_NK_DOT(x + m * K, w + n * K, K);
-  }
-}
-
-ffi::Error F32GemvNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_f32_gemv_nk", x.dimensions(), w.dimensions(),
-                                y->dimensions(), true, &M, &K, &N);
-  if (error.failure()) return error;
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  parallel_for(pool, (N + kNkRowsPerItem - 1) / kNkRowsPerItem, [&](int64_t i) {
-    const int64_t n0 = i * kNkRowsPerItem;
-    nk_rows(xp, wp, yp, M, K, N, n0, std::min(N, n0 + kNkRowsPerItem));
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32GemvNk, F32GemvNkImpl,
-                              xlrt::F32MatmulBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Gemv, F32GemvImpl,
                               xlrt::F32MatmulBinding());
