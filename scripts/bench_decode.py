@@ -10,7 +10,10 @@ llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 w
 `llama-cpp-python` is installed (the optional `bench` extra), in the interpreter given by
 --llama-python, or with llama.cpp's own `llama-bench` from the build directory given by
 --llama-bin (converted with its `llama-quantize`). Medians over --repeats; compare ratios, not
-absolute times (shared machines).
+absolute times (shared machines). With --llama-bin the batch-1 runs also alternate with
+llama-bench's (--pairs of each per row): a shared machine's memory bandwidth, which sets both
+sides' batch-1 speed, drifts within minutes, so the ratios "*_alternating*" (the median of the
+pairs' ratios) compare the two at the same moments.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ def _long_prompt(n: int) -> list[int]:
     return [1000 + (i * 7919) % 40000 for i in range(n)]
 
 
-def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
+def bench_xlrt(args, quantization, kv_cache_dtype="auto", reference=None) -> dict:
+    """xlrt's figures with one weight format. With `reference` (a callable returning llama.cpp's
+    batch-1 ms/token from one fresh run) the batch-1 runs alternate with llama.cpp's, --pairs of
+    each, so that both see the same state of a shared machine's memory bandwidth."""
     from serving import Engine, cli
 
     eng = Engine.from_pretrained(args.model, dtype="float32", attention=args.attention,
@@ -44,10 +50,13 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
     new = args.new_tokens
     gen = lambda prompts, n: eng.generate(prompts, max_new_tokens=n, ignore_eos=True)
     gen(PROMPT_5, new + 1)  # compile the programs this measurement uses
-    per_token = []
-    for _ in range(args.repeats):
+    per_token, pairs = [], []
+    for _ in range(args.pairs if reference else args.repeats):
+        theirs = reference() if reference else None
         out = gen(PROMPT_5, new + 1)[0]
         per_token.append(1000 * (out.e2e_s - out.ttft_s) / new)
+        if reference:
+            pairs.append([round(per_token[-1], 2), round(theirs, 2)])
     long = _long_prompt(512)
 
     def prefill_512() -> float:  # the whole prompt: not served from the prefix cache
@@ -70,7 +79,11 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto") -> dict:
             outs = gen(prompts, new)
             runs.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
         throughput[str(c)] = round(statistics.median(runs), 1)
-    return {"ms_per_token_b1": round(statistics.median(per_token), 2),
+    extra = {}
+    if reference:  # the ratio of each pair, then their median: drift between pairs cancels
+        extra = {"b1_pairs_xlrt_llama_ms": pairs,
+                 "b1_ratio_median_of_pairs": round(statistics.median(a / b for a, b in pairs), 3)}
+    return {**extra, "ms_per_token_b1": round(statistics.median(per_token), 2),
             "ttft_512_s": round(statistics.median(ttft), 3),
             "output_tokens_per_s": throughput, "kv_cache_dtype": kv_cache_dtype,
             "int8_weight_layout": eng.int8_weight_layout, "f32_weight_layout": eng.f32_weight_layout,
@@ -116,11 +129,9 @@ def bench_llama_cpp(args) -> dict:
     return out
 
 
-def bench_llama_bench(args) -> dict:
-    """llama.cpp's own `llama-bench` (from a llama.cpp build directory) on the same weights
-    converted to F32 and Q8_0 with its `llama-quantize --allow-requantize`: tg (tokens generated
-    after an empty context) gives ms/token, pp512 (a 512-token prompt in one batch) the prefill
-    time."""
+def llama_bench_tools(args) -> tuple[dict, dict]:
+    """The llama-bench and llama-quantize paths of --llama-bin, and the default GGUF converted
+    to F32 and Q8_0 with `llama-quantize --allow-requantize` (kept in --work-dir)."""
     tools = {}
     for tool in ("llama-bench", "llama-quantize"):
         path = os.path.join(args.llama_bin, tool)
@@ -129,27 +140,54 @@ def bench_llama_bench(args) -> dict:
                                f"with `cmake --build build --target {tool}` in a llama.cpp checkout")
         tools[tool] = path
     os.makedirs(args.work_dir, exist_ok=True)
-    out = {}
+    ggufs = {}
     for name in ("F32", "Q8_0"):
-        dst = os.path.join(args.work_dir, f"{os.path.basename(args.gguf)}.{name}.gguf")
+        dst = ggufs[name] = os.path.join(args.work_dir, f"{os.path.basename(args.gguf)}.{name}.gguf")
         if not os.path.exists(dst):
             proc = subprocess.run([tools["llama-quantize"], "--allow-requantize", args.gguf, dst,
                                    name], capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"llama-quantize to {name} failed: {proc.stderr.strip()[-2000:]}")
-        proc = subprocess.run([tools["llama-bench"], "-m", dst, "-p", "512", "-n",
-                               str(args.new_tokens), "-t", str(os.cpu_count()), "-r",
-                               str(args.repeats), "-o", "json"],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"llama-bench failed: {proc.stderr.strip()[-2000:]}")
-        rows = json.loads(proc.stdout)
+    return tools, ggufs
+
+
+def run_llama_bench(tools: dict, gguf: str, args, prompt: int, repeats: int) -> list[dict]:
+    """One llama-bench invocation: tg (--new-tokens after an empty context), and pp `prompt`
+    (a prompt in one batch) unless 0; its JSON rows."""
+    proc = subprocess.run([tools["llama-bench"], "-m", gguf, "-p", str(prompt), "-n",
+                           str(args.new_tokens), "-t", str(os.cpu_count()), "-r", str(repeats),
+                           "-o", "json"], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"llama-bench failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def bench_llama_bench(args) -> dict:
+    """llama.cpp's own `llama-bench` (from a llama.cpp build directory) on the same weights
+    converted to F32 and Q8_0: tg (tokens generated after an empty context) gives ms/token,
+    pp512 (a 512-token prompt in one batch) the prefill time."""
+    tools, ggufs = llama_bench_tools(args)
+    out = {}
+    for name, dst in ggufs.items():
+        rows = run_llama_bench(tools, dst, args, 512, args.repeats)
         gen = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == args.new_tokens)
         pp = next(r for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
         out[name] = {"ms_per_token_b1": round(gen["avg_ns"] / 1e6 / args.new_tokens, 2),
                      "ttft_512_s": round(pp["avg_ns"] / 1e9, 3),
                      "source": f"llama-bench {rows[0].get('build_commit', '')}".strip()}
     return out
+
+
+def llama_bench_b1(args, name: str):
+    """A callable running llama-bench's tg once on the `name` (F32 or Q8_0) weights and
+    returning its ms/token: bench_xlrt's alternating reference."""
+    tools, ggufs = llama_bench_tools(args)
+
+    def once() -> float:
+        rows = run_llama_bench(tools, ggufs[name], args, 0, 1)
+        gen = next(r for r in rows if r["n_gen"] == args.new_tokens)
+        return gen["avg_ns"] / 1e6 / args.new_tokens
+    return once
 
 
 def main(args) -> int:
@@ -172,15 +210,18 @@ def main(args) -> int:
     elif importlib.util.find_spec("llama_cpp") is not None:
         llama = bench_llama_cpp(args)
     result["xlrt"] = {}
+    # With llama-bench, batch 1 alternates with it: F32 against float32, Q8_0 against int8.
+    ref = (lambda name: llama_bench_b1(args, name)) if args.llama_bin and args.pairs else (
+        lambda name: None)
     if "auto" in args.kv_cache_dtype:
-        result["xlrt"]["float32"] = bench_xlrt(args, None)
+        result["xlrt"]["float32"] = bench_xlrt(args, None, reference=ref("F32"))
     for kv in dict.fromkeys(args.kv_cache_dtype):  # float32 weights, another KV cache dtype
         if kv != "auto":
             result["xlrt"][f"float32_kv_{kv}"] = bench_xlrt(args, None, kv)
     if not args.skip_int8:
-        result["xlrt"]["int8"] = bench_xlrt(args, "int8")
+        result["xlrt"]["int8"] = bench_xlrt(args, "int8", reference=ref("Q8_0"))
     if args.w8a8:
-        result["xlrt"]["w8a8"] = bench_xlrt(args, "w8a8")
+        result["xlrt"]["w8a8"] = bench_xlrt(args, "w8a8", reference=ref("Q8_0"))
     if llama:
         result["llama_cpp"] = llama
         x = result["xlrt"]
@@ -195,6 +236,11 @@ def main(args) -> int:
                     x[row]["ms_per_token_b1"] / llama["Q8_0"]["ms_per_token_b1"])
                 ratios[f"{row}_ttft_512_xlrt_over_llama_q8_0"] = (
                     x[row]["ttft_512_s"] / llama["Q8_0"]["ttft_512_s"])
+        for row, key in (("float32", "f32_ms_per_token_alternating"),
+                         ("int8", "int8_ms_per_token_alternating_q8_0"),
+                         ("w8a8", "w8a8_ms_per_token_alternating_q8_0")):
+            if "b1_ratio_median_of_pairs" in x.get(row, {}):
+                ratios[key] = x[row]["b1_ratio_median_of_pairs"]
         result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     print(json.dumps(result, indent=1))
     return 0
@@ -238,6 +284,9 @@ elif __name__ == "__main__":
     p.add_argument("--llama-bin", default=None, metavar="DIR",
                    help="a llama.cpp build's bin directory (llama-bench, llama-quantize): run "
                         "llama.cpp's own benchmark side by side instead of llama-cpp-python")
+    p.add_argument("--pairs", type=int, default=5,
+                   help="with --llama-bin: batch-1 runs of xlrt alternating with llama-bench "
+                        "runs per row (0: none; the ratio of each pair, median in 'ratios')")
     p.add_argument("--work-dir", default=os.path.expanduser("~/.cache/xlrt/bench"),
                    help="where converted GGUF files for llama.cpp are kept")
     cli.run(main, p.parse_args())

@@ -46,11 +46,17 @@ def test_llama_bench_converts_once_and_reads_its_json(tmp_path):
     assert out["Q8_0"]["ms_per_token_b1"] == 10.0
     calls = log.read_text().splitlines()
     assert calls[0] == f"quantize --allow-requantize {gguf} {work}/model.gguf.F32.gguf F32"
-    assert calls[1].startswith(f"bench -m {work}/model.gguf.F32.gguf -p 512 -n 16 -t "
+    assert calls[1].endswith("Q8_0") and calls[1].startswith("quantize")
+    assert calls[2].startswith(f"bench -m {work}/model.gguf.F32.gguf -p 512 -n 16 -t "
                                f"{os.cpu_count()} -r 2 -o json")
-    assert calls[2].endswith("Q8_0")
+    assert calls[3].startswith(f"bench -m {work}/model.gguf.Q8_0.gguf")
     bench(args)  # converted files are reused
     assert sum(c.startswith("quantize") for c in log.read_text().splitlines()) == 2
+    # The alternating batch-1 reference: one tg run (no prompt, one repetition) per call.
+    once = _script().llama_bench_b1(args, "Q8_0")
+    assert once() == 10.0
+    assert log.read_text().splitlines()[-1].startswith(
+        f"bench -m {work}/model.gguf.Q8_0.gguf -p 0 -n 16 -t {os.cpu_count()} -r 1 -o json")
 
 
 def test_llama_bin_without_the_tools_names_what_is_missing(tmp_path):
@@ -58,3 +64,46 @@ def test_llama_bin_without_the_tools_names_what_is_missing(tmp_path):
                                  new_tokens=16, repeats=1)
     with pytest.raises(RuntimeError, match="no executable llama-bench"):
         _script().bench_llama_bench(args)
+
+
+def test_batch_one_alternates_with_the_reference(monkeypatch):
+    """bench_xlrt with a reference: each batch-1 run follows one reference run, and the ratio
+    reported is the median of the pairs' ratios (a fake engine stands in for the model)."""
+    import serving
+
+    calls = []
+
+    class Out:
+        def __init__(self, n):
+            self.token_ids, self.ttft_s, self.num_cached_tokens = [0] * n, 0.5, 0
+            self.e2e_s = 0.5 + 0.016 * (n - 1) * (1 + len(calls) % 3)  # 16, 32 or 48 ms/token
+
+    class FakeEngine:
+        int8_weight_layout, f32_weight_layout = "kn", "nk"
+        allocator = types.SimpleNamespace(capacity=7)
+
+        def generate(self, prompts, max_new_tokens, ignore_eos):
+            calls.append(("xlrt", len(prompts)))
+            return [Out(max_new_tokens) for _ in prompts]
+
+        def reset_prefix_cache(self):
+            pass
+
+    monkeypatch.setattr(serving.Engine, "from_pretrained", lambda *a, **k: FakeEngine())
+    script = _script()
+    args = types.SimpleNamespace(model="m", attention="auto", decode_steps=16, concurrency=[2],
+                                 kv_cache_gb=1.0, int8_weight_layout="auto",
+                                 f32_weight_layout="auto", new_tokens=16, repeats=3, pairs=4)
+
+    def reference():
+        calls.append(("llama", 1))
+        return 16.0
+
+    out = script.bench_xlrt(args, None, reference=reference)
+    b1 = [c[0] for c in calls[1:9]]  # after the compile run: llama, xlrt, llama, xlrt, ...
+    assert b1 == ["llama", "xlrt"] * 4
+    assert len(out["b1_pairs_xlrt_llama_ms"]) == 4
+    assert all(theirs == 16.0 for _, theirs in out["b1_pairs_xlrt_llama_ms"])
+    ratios = sorted(ours / theirs for ours, theirs in out["b1_pairs_xlrt_llama_ms"])
+    assert out["b1_ratio_median_of_pairs"] == round((ratios[1] + ratios[2]) / 2, 3)
+    assert "b1_pairs_xlrt_llama_ms" not in script.bench_xlrt(args, None)  # no reference
