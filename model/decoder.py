@@ -105,8 +105,9 @@ class Decoder(nn.Module):
       decode runs two wide GEMVs instead of five (float weights, unsharded serving; loaders from
       model.layers.fuse_projection_loaders). The math is the same; the params tree differs.
     nk_weights: store every layer's matmul weight (and an untied LM head), int8 or float, output
-      dims first, [N, K]: each output channel's weights lie contiguous, which the AVX2 CPU
-      kernels stream faster than [K, N] (docs/PERFORMANCE.md). Loaders from
+      dims first, [N, K]: each output channel's weights lie contiguous, which the CPU kernels
+      stream faster than [K, N] (int8 on AVX2, float32 with AVX2 or AVX-512; docs/KERNELS.md).
+      Loaders from
       model.quantize.int8_loaders with float_axes (int8) or model.quantize.nk_loaders (float).
       Same math; transposed params.
     """

@@ -274,7 +274,7 @@ class Attention(nn.Module):
     attention_impl: str = "xla"
     weight_quant: str = "none"
     fuse_projections: bool = False  # one q|k|v weight "qkv" (unsharded serving)
-    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); decode on AVX2 CPUs)
+    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); CPU decode kernels)
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
@@ -361,7 +361,7 @@ class MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     weight_quant: str = "none"
     fuse_projections: bool = False  # one gate|up weight "gate_up" (unsharded serving)
-    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); decode on AVX2 CPUs)
+    nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); CPU decode kernels)
 
     @nn.compact
     def __call__(self, x_btd):

@@ -90,7 +90,7 @@ def add_weight_layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--f32-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="float32 models (no --quantization): weights stored [K, N] (kn) or output "
                         "channel first, [N, K] (nk); auto: what this CPU's kernels read fastest "
-                        "at batch 1 (nk on AVX2 without AVX-512)")
+                        "(nk with the AVX2 or AVX-512 kernels)")
 
 
 def int8_weight_layout(args: argparse.Namespace) -> str | None:

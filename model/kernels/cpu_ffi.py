@@ -11,15 +11,17 @@ Matmuls with int8 weights (csrc/int8_matmul.cc; decode, and with AVX-512 VNNI w8
 - `weight_only_matmul(x, w)` (weight-only int8): float32 x int8 -> float32, the weight widened
   in registers. XLA converts the whole weight to float in memory first.
 
-Float32 matmuls for decode (csrc/f32_gemv.cc, csrc/f32_gemm.cc):
-- `f32_gemv(x, w)`: one row into at most 1024 outputs, or 2-4 rows into at most 4096, split
-  over K so that each thread streams whole weight rows; XLA splits narrow GEMVs over columns
-  and reads them at ~17 GB/s.
-- `f32_gemv_nk(x, w)`: one to four rows against a weight stored `[N, K]` (float32 engines
-  with `f32_weight_layout="nk"`, the default on AVX2 CPUs without AVX-512): each output a dot
-  product of contiguous rows, every work item one sequential read.
-- `f32_gemm(x, w)`: decode batches of 9-32 rows, 8 x 48 output blocks in AVX-512 registers
-  over packed weight chunks, each row summed in one fixed order (batch-invariant bits).
+Float32 matmuls for decode (csrc/f32_nk.cc, csrc/f32_gemv.cc, csrc/f32_gemm.cc):
+- `f32_matmul_nk(x, w)`: decode batches of up to 32 rows against a weight stored `[N, K]`
+  (float32 engines with `f32_weight_layout="nk"`, the default with the AVX2 or AVX-512 kernels,
+  and the tied LM head): register blocks of dot products of contiguous rows, every work item
+  one sequential read at batch 1; each output summed in one fixed order (the same bits in any
+  batch and on AVX2 and AVX-512).
+- `f32_gemv(x, w)` (`[K, N]` weights): one row into at most 1024 outputs, or 2-4 rows into at
+  most 4096, split over K so that each thread streams whole weight rows; XLA splits narrow
+  GEMVs over columns and reads them at ~17 GB/s.
+- `f32_gemm(x, w)` (`[K, N]` weights): decode batches of 9-32 rows, 8 x 48 output blocks in
+  AVX-512 registers over packed weight chunks, each row summed in one fixed order.
 
 And decode attention over the paged KV cache (csrc/paged_attention.cc):
 - `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
@@ -34,11 +36,11 @@ processes load the cached library. Without a compiler, or if the build fails, th
 XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
-(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_gemv`, `use_f32_gemm`,
-`use_paged_attention`): only on the CPU backend, without a mesh (a custom call is not
-partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it, so
-exported programs carry no custom call), and for the row counts where they were measured faster
-than XLA: decode batches (INT8_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS, F32_GEMM_MAX_ROWS...), and with
+(`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_matmul_nk`, `use_f32_gemv`,
+`use_f32_gemm`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call
+is not partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it,
+so exported programs carry no custom call), and for the row counts where they were measured
+faster than XLA: decode batches (INT8_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS, F32_NK_MAX_ROWS...), and with
 AVX-512 VNNI the w8a8 matmuls of prefill too (INT8_MAX_ROWS_VNNI). Other long matmuls are
 compute-bound GEMMs that XLA already runs well.
 """
@@ -65,8 +67,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc", CSRC / "f32_nk.cc",
-           CSRC / "f32_gemm.cc")
+SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc",
+           CSRC / "f32_nk.cc", CSRC / "f32_gemm.cc")
 HEADERS = (CSRC / "parallel.h", CSRC / "gemm_avx2.h")
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 W8A8_TARGET = "xlrt_w8a8_matmul"  # float32 rows quantized in the kernel x int8 -> float32 (w8a8)

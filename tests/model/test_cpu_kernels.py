@@ -502,10 +502,10 @@ def test_f32_matmul_nk_matches_xla(nk_targets, m, k, n, seed):
 
 
 def test_f32_matmul_nk_is_batch_invariant_and_selected_where_it_should_be(nk_targets):
-    """At the default model's shapes a row gets the same bits alone, in a batch of 32 and in
-    any place of it, on every build, and the same on the AVX2 and AVX-512 builds; the selection rules (AVX2 or
-    AVX-512 builds, up to F32_NK_MAX_ROWS rows), the layout engines pick, the gradient and a
-    clear error for bad shapes."""
+    """At the default model's shapes (and past 4096 outputs) a row gets the same bits alone, in
+    a batch of 32 and in any place of it, on every build, and the same on the AVX2 and AVX-512
+    builds; the selection rules (AVX2 or AVX-512 builds, up to F32_NK_MAX_ROWS rows), the
+    layout engines pick, the gradient and a clear error for bad shapes."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((32, 1536), dtype=np.float32))
     for n, k in ((960, 576), (576, 1536), (3072, 576), (4099, 576)):
