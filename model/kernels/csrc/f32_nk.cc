@@ -49,7 +49,8 @@ constexpr int64_t kL1Bytes = 28 * 1024;  // a group and a row block fit this in 
 struct Vec {
   using T = __m512;
   static constexpr int64_t kLanes = 16;
-  static constexpr int kMaxR = 4, kMaxC = 6, kOneRowC = 6;  // 24 accumulators + 6 weight vectors + 1 of x
+  // 24 accumulators + 6 weight vectors + 1 of x, of the 32 registers.
+  static constexpr int kMaxR = 4, kMaxC = 6, kOneRowC = 6;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T load_tail(const float* p, int64_t n) {  // the first n < 16 floats, zeros after
@@ -60,10 +61,13 @@ struct Vec {
   // The sums of a, b, c and d, each added in the same tree: lanes j + j+8, then + j+4, + j+2,
   // + j+1 (so an output's bits do not depend on which outputs share its group).
   static __m128 sum4(T a, T b, T c, T d) {
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    const __m512 ab =
+        _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd =
+        _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
     // 128-bit blocks: [a, b, c, d] lanes 0-3 + [a, b, c, d] lanes 4-7.
-    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    __m512 s =
+        _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
     s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
     s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));
     return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, s));
@@ -101,8 +105,10 @@ struct Vec {
   static __m128 sum4(T a8, T b8, T c8, T d8) {
     const __m256 a = _mm256_add_ps(a8.lo, a8.hi), b = _mm256_add_ps(b8.lo, b8.hi);
     const __m256 c = _mm256_add_ps(c8.lo, c8.hi), d = _mm256_add_ps(d8.lo, d8.hi);
-    const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-    const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    const __m256 ab =
+        _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    const __m256 cd =
+        _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
     // Per 128-bit half: [a, a, c, c] (low) and [b, b, d, d] (high), lanes j + j+2.
     __m256 s = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
     s = _mm256_hadd_ps(s, s);  // [a, c, a, c | b, d, b, d]
