@@ -13,7 +13,8 @@ llama.cpp runs on the same weights (the default GGUF converted to F32 and Q8_0 w
 absolute times (shared machines). With --llama-bin the batch-1 runs also alternate with
 llama-bench's (--pairs of each per row): a shared machine's memory bandwidth, which sets both
 sides' batch-1 speed, drifts within minutes, so the ratios "*_alternating*" (the median of the
-pairs' ratios) compare the two at the same moments.
+pairs' ratios) compare the two at the same moments. xlrt's batch-1 figure is then the median of
+its --pairs runs; llama.cpp's "ms_per_token_b1" stays its own --repeats run.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto", reference=None) -> dic
         out = gen(PROMPT_5, new + 1)[0]
         per_token.append(1000 * (out.e2e_s - out.ttft_s) / new)
         if reference:
-            pairs.append([round(per_token[-1], 2), round(theirs, 2)])
+            pairs.append((per_token[-1], theirs))
     long = _long_prompt(512)
 
     def prefill_512() -> float:  # the whole prompt: not served from the prefix cache
@@ -81,7 +82,7 @@ def bench_xlrt(args, quantization, kv_cache_dtype="auto", reference=None) -> dic
         throughput[str(c)] = round(statistics.median(runs), 1)
     extra = {}
     if reference:  # the ratio of each pair, then their median: drift between pairs cancels
-        extra = {"b1_pairs_xlrt_llama_ms": pairs,
+        extra = {"b1_pairs_xlrt_llama_ms": [[round(a, 2), round(b, 2)] for a, b in pairs],
                  "b1_ratio_median_of_pairs": round(statistics.median(a / b for a, b in pairs), 3)}
     return {**extra, "ms_per_token_b1": round(statistics.median(per_token), 2),
             "ttft_512_s": round(statistics.median(ttft), 3),
@@ -195,7 +196,8 @@ def main(args) -> int:
 
     kind, args.gguf = resolve(args.model)
     result = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "decode_steps": args.decode_steps, "cpu_count": os.cpu_count()}
+              "decode_steps": args.decode_steps, "cpu_count": os.cpu_count(),
+              "pairs": args.pairs if args.llama_bin else 0}
     llama = None  # llama.cpp first: it is quick, and a failure there should not waste the rest
     if args.llama_bin:
         llama = bench_llama_bench(args)
@@ -211,17 +213,17 @@ def main(args) -> int:
         llama = bench_llama_cpp(args)
     result["xlrt"] = {}
     # With llama-bench, batch 1 alternates with it: F32 against float32, Q8_0 against int8.
-    ref = (lambda name: llama_bench_b1(args, name)) if args.llama_bin and args.pairs else (
+    alternate = (lambda name: llama_bench_b1(args, name)) if args.llama_bin and args.pairs else (
         lambda name: None)
     if "auto" in args.kv_cache_dtype:
-        result["xlrt"]["float32"] = bench_xlrt(args, None, reference=ref("F32"))
+        result["xlrt"]["float32"] = bench_xlrt(args, None, reference=alternate("F32"))
     for kv in dict.fromkeys(args.kv_cache_dtype):  # float32 weights, another KV cache dtype
         if kv != "auto":
             result["xlrt"][f"float32_kv_{kv}"] = bench_xlrt(args, None, kv)
     if not args.skip_int8:
-        result["xlrt"]["int8"] = bench_xlrt(args, "int8", reference=ref("Q8_0"))
+        result["xlrt"]["int8"] = bench_xlrt(args, "int8", reference=alternate("Q8_0"))
     if args.w8a8:
-        result["xlrt"]["w8a8"] = bench_xlrt(args, "w8a8", reference=ref("Q8_0"))
+        result["xlrt"]["w8a8"] = bench_xlrt(args, "w8a8", reference=alternate("Q8_0"))
     if llama:
         result["llama_cpp"] = llama
         x = result["xlrt"]

@@ -224,7 +224,8 @@ class Engine(RequestFrontEnd):
         else "kn"; "kn" stores quantized weights [K, N] like the float ones, "nk" output
         channel first, [N, K]: same math, int8 batch-1 decode ~1.3x faster on AVX2 CPUs,
         docs/PERFORMANCE.md), f32_weight_layout (the same choice for float32 models: None picks
-        "nk" on AVX2 CPUs without AVX-512, where batch-1 decode streams it faster, else "kn"),
+        "nk" with the AVX2 or AVX-512 kernels, whose [N, K] matmul runs every decode batch
+        faster, else "kn"),
         progress (tqdm bar while loading).
         """
         return cls(load_checkpoint(model), **kwargs)

@@ -450,7 +450,7 @@ def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targe
     prompts = [[5, 17, 99, 3], list(range(1, 60)), [42], list(range(100, 137))]
     eng = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8, f32_weight_layout=layout)
     matmul = cpu_ffi.F32_MATMUL_NK_TARGET if layout == "nk" else cpu_ffi.F32_GEMV_TARGET
-    # Two rows: the GEMV's case on every CPU (one row keeps XLA's dot on AVX2).
+    # Two rows: with "kn" the GEMV's case on every CPU (one row keeps XLA's dot on AVX2).
     args = (eng.params, jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32), eng.cache,
             jnp.ones((2, 4), jnp.int32))
     hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
@@ -484,7 +484,7 @@ def nk_call(target):
 def test_f32_matmul_nk_matches_xla(nk_targets, m, k, n, seed):
     """The [N, K] float32 matmul: XLA's dot to float rounding for row counts past and between
     the register blocks (4 with AVX-512, 2 with AVX2), K below, at and past whole vectors and
-    past the length (~1000) where the loop order changes, N across ragged weight-row groups
+    past the length where the AVX-512 loop order changes (716), N across ragged weight-row groups
     (6, 4) and 48-row work items, on every build; and each row's bits do not depend on the
     other rows (the same alone, in a batch or in a block of another shape)."""
     rng = np.random.default_rng(seed)
@@ -508,12 +508,17 @@ def test_f32_matmul_nk_is_batch_invariant_and_selected_where_it_should_be(nk_tar
     layout engines pick, the gradient and a clear error for bad shapes."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((32, 1536), dtype=np.float32))
-    for n, k in ((960, 576), (576, 1536), (3072, 576), (4099, 576)):
+    # K = 2560 passes the AVX2 build's loop-order switch (1792) too.
+    x = jnp.concatenate([x, x[:, :1024] * 0.5], axis=1)
+    for n, k in ((960, 576), (576, 1536), (3072, 576), (4099, 576), (200, 2560)):
         w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+        xk, wk = np.asarray(x[:, :k], np.float64), np.asarray(w, np.float64)
+        want, bound = xk @ wk.T, 1e-5 * (np.abs(xk) @ np.abs(wk).T + 1)
         fulls = {}
         for target in nk_targets:
             call = nk_call(target)
             full = fulls[target] = np.asarray(call(x[:, :k], w))
+            assert np.all(np.abs(full - want) <= bound), (target, n, k)
             np.testing.assert_array_equal(np.asarray(call(x[21:30, :k], w)), full[21:30])
             np.testing.assert_array_equal(np.asarray(call(x[7:8, :k], w)), full[7:8])
         if cpu_ffi.F32_MATMUL_NK_TARGET + AVX2 in fulls:  # 16-lane sums in both builds

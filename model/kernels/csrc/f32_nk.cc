@@ -95,7 +95,7 @@ struct Vec {
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
   }
   static T load_tail(const float* p, int64_t n) {  // the first n < 16 floats, zeros after
-    return {first(p, n), first(p + 8, n - 8)};
+    return {first(p, n), n > 8 ? first(p + 8, n - 8) : _mm256_setzero_ps()};
   }
   static T fma(T a, T b, T c) {
     return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
@@ -213,10 +213,11 @@ struct Prefetch {
 };
 
 // Outputs n0 .. n1 of every row, in R x C blocks. With a short K a group of C weight rows and a
-// block of R x rows fit in L1 together: each group stays there while all the row blocks pass
-// over it, and x (all rows) is re-read from L2 per group. With a long K (the MLP down
-// projection, K = 1536) they do not: then each row block stays in L1 while the item's weight
-// rows pass over it from L2. Past one row block, the next group's weight rows are prefetched
+// block of R x rows fit in L1 together ((R + C) * K floats within kL1Bytes: K <= 716 with
+// AVX-512's 4 x 6 blocks, K <= 1792 with AVX2's 2 x 2): each group stays there while all the row
+// blocks pass over it, and x (all rows) is re-read from L2 per group. With a longer K (the MLP
+// down projection, K = 1536, on AVX-512) they do not: then each row block stays in L1 while the
+// item's weight rows pass over it from L2. Past one row block, the next group's weight rows are prefetched
 // while the current one is in use: the multiply-adds no longer hide the memory latency alone.
 // One row takes kOneRowC weight rows per block (the blocks' shapes do not change the bits).
 void nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,

@@ -1,4 +1,4 @@
-// Shared by the xlrt CPU kernels (int8_matmul.cc, paged_attention.cc, f32_gemv.cc,
+// Shared by the xlrt CPU kernels (int8_matmul.cc, paged_attention.cc, f32_nk.cc, f32_gemv.cc,
 // f32_gemm.cc): work sharing over XLA's intra-op thread pool, and the float32 matmuls' FFI
 // signature.
 #pragma once
