@@ -217,8 +217,9 @@ struct Prefetch {
 // AVX-512's 4 x 6 blocks, K <= 1792 with AVX2's 2 x 2): each group stays there while all the row
 // blocks pass over it, and x (all rows) is re-read from L2 per group. With a longer K (the MLP
 // down projection, K = 1536, on AVX-512) they do not: then each row block stays in L1 while the
-// item's weight rows pass over it from L2. Past one row block, the next group's weight rows are prefetched
-// while the current one is in use: the multiply-adds no longer hide the memory latency alone.
+// item's weight rows pass over it from L2. Past one row block, the next group's weight rows are
+// prefetched while the current one is in use: the multiply-adds no longer hide the memory
+// latency alone.
 // One row takes kOneRowC weight rows per block (the blocks' shapes do not change the bits).
 void nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n0, int64_t n1) {
