@@ -173,7 +173,11 @@ class Decoder(nn.Module):
         if return_hidden:
             return x_btd, new_cache
         if cfg.tie_embeddings:
-            if self.weight_quant != "none":  # int8 embedding rows [V, D]
+            # int8 embedding rows [V, D], or float32 decode rows on CPU, whose [N, K] kernel
+            # reads the [V, D] rows as they are (cpu_ffi.f32_matmul_nk, through matmul_2d)
+            if self.weight_quant != "none" or (
+                    x_btd.dtype == jnp.float32 and embedding.dtype == jnp.float32
+                    and cpu_ffi.use_f32_matmul_nk(x_btd.shape[0] * x_btd.shape[1], jnp.float32)):
                 b, t = x_btd.shape[:2]
                 # float32 w8a8: the embedding rows' scales applied in the matmul (the CPU
                 # kernel's epilogue instead of a pass over the logits; the same bits)
@@ -183,12 +187,6 @@ class Decoder(nn.Module):
                                    col_scale=embed_scale if fold else None)
                 logits = logits.reshape(b, t, -1).astype(jnp.float32)
                 embed_scale = None if fold else embed_scale
-            elif (x_btd.dtype == jnp.float32 and embedding.dtype == jnp.float32
-                  and cpu_ffi.use_f32_matmul_nk(x_btd.shape[0] * x_btd.shape[1], jnp.float32)):
-                # decode rows on CPU: the embedding rows are [V, D], the kernel's [N, K]
-                b, t = x_btd.shape[:2]
-                logits = cpu_ffi.f32_matmul_nk(x_btd.reshape(b * t, -1), embedding)
-                logits = logits.reshape(b, t, -1)
             else:
                 logits = jnp.einsum("BTD,VD->BTV", x_btd, embedding,
                                     preferred_element_type=jnp.float32)

@@ -301,15 +301,18 @@ def int8_weight_layout() -> str:
     return "nk"
 
 
+def _vector_build() -> bool:
+    """Whether the loaded library runs its AVX2 or AVX-512 paths (not the portable loops)."""
+    return _state["lib"] is not None and _state["simd"] in ("avx2", "avx512")
+
+
 def f32_weight_layout() -> str:
     """The layout float32 engines store their layer weights in on this CPU: "nk" (output
     channel first, model.decoder.Decoder(nk_weights=True)) with the AVX2 or AVX-512 kernels,
     which f32_matmul_nk streams faster at batch 1 than any [K, N] path and runs as fast at 8
     rows (docs/PERFORMANCE.md, sessions 13 and 17); "kn" without them (XLA's dot, or the
     portable loops)."""
-    if _state["lib"] is None or _state["simd"] not in ("avx2", "avx512"):
-        return "kn"
-    return "nk"
+    return "nk" if _vector_build() else "kn"
 
 
 def use_f32_matmul_nk(rows: int, dtype) -> bool:
@@ -318,7 +321,7 @@ def use_f32_matmul_nk(rows: int, dtype) -> bool:
     kernels (the portable loops are slower than XLA's dot)."""
     if _disabled.get() or rows > F32_NK_MAX_ROWS or jnp.dtype(dtype) != jnp.float32:
         return False
-    return _usable() and _state["simd"] in ("avx2", "avx512")
+    return _usable() and _vector_build()
 
 
 def f32_matmul_nk(x, w, target: str = F32_MATMUL_NK_TARGET):

@@ -177,16 +177,10 @@ void kn_tile(const float* x, const float* w, float* y, int64_t M, int64_t K, int
 
 ffi::Error F32GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemm: x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  if (wd[0] != K || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument("xlrt_f32_gemm: expected x [M, K], w [K, N], y [M, N]");
-  }
+  int64_t M, K, N;
+  ffi::Error error = xlrt::check_f32_matmul("xlrt_f32_gemm", x.dimensions(), w.dimensions(),
+                                            y->dimensions(), false, &M, &K, &N);
+  if (error.failure()) return error;
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {

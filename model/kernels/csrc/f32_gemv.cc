@@ -58,31 +58,16 @@ void accumulate(const float* x, const float* w, float* part, int64_t M, int64_t 
   }
 }
 
-// x [M, K], w [K, N], y [M, N], M <= kMaxRows: sets M, K, N or names the problem.
-template <typename Dims>
-ffi::Error CheckDims(const std::string& name, Dims xd, Dims wd, Dims yd, int64_t* M, int64_t* K,
-                     int64_t* N) {
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
-  }
-  *M = xd[0];
-  *K = xd[1];
-  *N = wd[1];
-  if (wd[0] != *K || yd[0] != *M || yd[1] != *N) {
-    return ffi::Error::InvalidArgument(name + ": expected x [M, K], w [K, N], y [M, N]");
-  }
-  if (*M > kMaxRows) {
-    return ffi::Error::InvalidArgument(name + ": at most " + std::to_string(kMaxRows) + " rows");
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Error F32GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
   int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_f32_gemv", x.dimensions(), w.dimensions(), y->dimensions(),
-                                &M, &K, &N);
+  ffi::Error error = xlrt::check_f32_matmul("xlrt_f32_gemv", x.dimensions(), w.dimensions(),
+                                            y->dimensions(), false, &M, &K, &N);
   if (error.failure()) return error;
+  if (M > kMaxRows) {
+    return ffi::Error::InvalidArgument("xlrt_f32_gemv: at most " + std::to_string(kMaxRows) +
+                                       " rows");
+  }
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();

@@ -267,17 +267,10 @@ void nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int
 
 ffi::Error F32MatmulNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument("xlrt_f32_matmul_nk: x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
-  if (wd[1] != K || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument(
-        "xlrt_f32_matmul_nk: expected x [M, K], w [N, K], y [M, N]");
-  }
+  int64_t M, K, N;
+  ffi::Error error = xlrt::check_f32_matmul("xlrt_f32_matmul_nk", x.dimensions(), w.dimensions(),
+                                            y->dimensions(), true, &M, &K, &N);
+  if (error.failure()) return error;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -39,6 +40,24 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::functi
   run();
   // Only tiles that were taken are outstanding: each is running on some thread right now.
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// The float32 matmuls' shapes, x [M, K] and w [K, N] (or [N, K] with nk) into y [M, N]: sets
+// M, K and N, or names the problem (`name`: the FFI target).
+template <typename Dims>
+ffi::Error check_f32_matmul(const std::string& name, Dims xd, Dims wd, Dims yd, bool nk,
+                            int64_t* M, int64_t* K, int64_t* N) {
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
+  }
+  *M = xd[0];
+  *K = xd[1];
+  *N = nk ? wd[0] : wd[1];
+  if ((nk ? wd[1] : wd[0]) != *K || yd[0] != *M || yd[1] != *N) {
+    return ffi::Error::InvalidArgument(name + (nk ? ": expected x [M, K], w [N, K], y [M, N]"
+                                                  : ": expected x [M, K], w [K, N], y [M, N]"));
+  }
+  return ffi::Error::Success();
 }
 
 // The float32 matmuls' FFI signature: (thread pool, x, w) -> y, all float32.
