@@ -193,7 +193,11 @@ def llama_bench_b1(args, name: str):
 
 def main(args) -> int:
     from model.registry import resolve
+    from serving import cli
 
+    if args.pairs < 0 or args.repeats < 1:
+        raise cli.CLIError(f"--pairs must be >= 0 and --repeats >= 1, got {args.pairs} and "
+                           f"{args.repeats}")
     kind, args.gguf = resolve(args.model)
     result = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "decode_steps": args.decode_steps, "cpu_count": os.cpu_count(),

@@ -109,3 +109,11 @@ def test_batch_one_alternates_with_the_reference(monkeypatch):
     # the median of the ratios 2, 0.75, 2, 0.5 is 1.375; the ratio of the medians would be 1.0
     assert out["b1_ratio_median_of_pairs"] == 1.375
     assert "b1_pairs_xlrt_llama_ms" not in script.bench_xlrt(args, None)  # no reference
+
+
+def test_bad_pair_and_repeat_counts_are_named():
+    from serving import cli
+    with pytest.raises(cli.CLIError, match="--pairs must be >= 0 and --repeats >= 1, got -1 and 3"):
+        _script().main(types.SimpleNamespace(pairs=-1, repeats=3))
+    with pytest.raises(cli.CLIError, match="got 5 and 0"):
+        _script().main(types.SimpleNamespace(pairs=5, repeats=0))
