@@ -10,6 +10,7 @@ h head_dim, f ffn_dim, v vocab.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -173,12 +174,65 @@ class RMSNorm(nn.Module):
     axis: str = EMBED  # logical name of the normalized (last) dimension
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, return_scale: bool = False):
+        """x normalized; with return_scale, x untouched and the scale (float32) returned instead,
+        for a caller that fuses the norm into the matmul after it (fused_linear)."""
         scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis,),
                                 self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+        if return_scale:
+            return scale.astype(jnp.float32)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x, scale, eps: float, dtype):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, in float32, cast to dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(dtype)
+
+
+def fused_linear_applies(rows: int, dtype, weight_quant: str, nk: bool) -> bool:
+    """Whether the matmuls of a decode step with `rows` rows (batch x query tokens) run
+    fused_linear as one CPU kernel call each: float32 rows against float32 [N, K] weights
+    (cpu_ffi.f32_matmul_nk) or weight-only int8 ones."""
+    if weight_quant == "none":
+        return nk and cpu_ffi.use_fused_matmul(rows, dtype, jnp.float32, True)
+    if weight_quant == "int8":
+        return cpu_ffi.use_fused_matmul(rows, dtype, jnp.int8, nk)
+    return False
+
+
+def fused_linear(x, w, w_scale, *, contract: int = 1, nk: bool, weight_only: bool,
+                 norm=None, silu_scale=None, silu: bool = False, residual=None):
+    """[residual +] scaled(linear(prologue(x), w), w_scale), in one CPU kernel call where
+    cpu_ffi.use_fused_matmul holds, else as the separate ops. prologue: norm=(scale, eps), the
+    RMSNorm of x; or silu=True, x = gate | up (each times its half of silu_scale, a quantized
+    projection's scale, if given) -> silu(gate) * up; or nothing."""
+    lead = x.shape[:x.ndim - contract]
+    x2 = x.reshape(-1, math.prod(x.shape[x.ndim - contract:]))
+    k = x2.shape[1] // 2 if silu else x2.shape[1]
+    w2 = w.reshape(-1, k) if nk else w.reshape(k, -1)
+    out_dims = w.shape[:w.ndim - contract] if nk else w.shape[contract:]
+    res2 = None if residual is None else residual.reshape(x2.shape[0], -1)
+    if ((w.dtype == jnp.int8) == weight_only
+            and cpu_ffi.use_fused_matmul(x2.shape[0], x2.dtype, w.dtype, nk)):
+        y = cpu_ffi.fused_matmul(
+            x2, w2, nk, prologue="rms_norm" if norm else "silu_mul" if silu else None,
+            prologue_weight=norm[0] if norm else silu_scale, eps=norm[1] if norm else 0.0,
+            col_scale=None if w_scale is None else w_scale.reshape(-1), residual=res2)
+        return y.reshape(*lead, *out_dims)
+    if norm:
+        x2 = rms_norm(x2, norm[0], norm[1], x2.dtype)
+    elif silu:
+        gate, up = x2[:, :k], x2[:, k:]
+        if silu_scale is not None:
+            gate, up = gate * silu_scale[:k], up * silu_scale[k:]
+        x2 = jax.nn.silu(gate) * up
+    y = matmul_2d(x2, w2, transpose_w=nk, weight_only=weight_only)
+    y = scaled(y, None if w_scale is None else w_scale.reshape(-1))
+    if res2 is not None:
+        y = res2 + y
+    return y.reshape(*lead, *out_dims)
 
 
 def rope_frequencies(config: ModelConfig):
@@ -199,11 +253,16 @@ def rope_frequencies(config: ModelConfig):
                      jnp.where(wavelen < high_wavelen, inv_freq, blended))
 
 
+def rope_cos_sin(positions_bt, inv_freq):
+    """cos and sin [B, T, h/2] of the rotation angles position * inv_freq, in float32."""
+    angles_bth = positions_bt[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
+    return jnp.cos(angles_bth), jnp.sin(angles_bth)
+
+
 def apply_rope(x_btnh, positions_bt, inv_freq):
     """Rotate pairs (i, i + h/2) by position * inv_freq (the HF "rotate_half" convention)."""
-    angles_bth = positions_bt[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
-    cos = jnp.cos(angles_bth)[:, :, None, :]
-    sin = jnp.sin(angles_bth)[:, :, None, :]
+    cos, sin = rope_cos_sin(positions_bt, inv_freq)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x = x_btnh.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -277,10 +336,13 @@ class Attention(nn.Module):
     nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); CPU decode kernels)
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens,
+                 norm=None, residual=None):
         """cache: None (full-sequence attention) or (k, v, k_scale, v_scale) stacked over layers
         (scales None for a float cache; with them k, v are int8); returns the output and the
-        cache with this layer's new keys/values written."""
+        cache with this layer's new keys/values written.
+        Decode on CPU (Block, fused_linear_applies): norm=(scale, eps) normalizes x_btd inside
+        the q|k|v matmul, and the output comes back as residual + output."""
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
@@ -292,12 +354,14 @@ class Attention(nn.Module):
             w_qkv, s_qkv = weight(self, "qkv", init, (d, (n + 2 * k) * h), (EMBED, FUSED), (1,),
                                   self.dtype, raw_int8=True, nk=nk)
             # BTD,DF->BTF with F = (n + 2k) h
-            qkv = scaled(linear(x, w_qkv, weight_only=wo, nk=nk), s_qkv)
+            qkv = fused_linear(x, w_qkv, s_qkv, nk=nk, weight_only=wo, norm=norm)
             lead = qkv.shape[:-1]
             q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
             k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
             v_btkh = qkv[..., (n + k) * h:].reshape(*lead, k, h)
         else:
+            if norm is not None:
+                x = rms_norm(x, norm[0], norm[1], self.dtype)
             w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2),
                               self.dtype, raw_int8=True, nk=nk)
             w_k, s_k = weight(self, "k", init, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), (1, 2),
@@ -321,6 +385,18 @@ class Attention(nn.Module):
             q_btnh = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, HEAD_DIM, name="q_norm")(q_btnh)
             k_btkh = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, HEAD_DIM, name="k_norm")(k_btkh)
         inv_freq = rope_frequencies(cfg)
+        if cache is not None and kernels.paged_attention_rope_applies(
+                q_btnh, k_btkh, cache[0], impl=self.attention_impl):
+            # Decode on CPU: RoPE, the cache write and attention in one kernel call (no XLA ops
+            # between the q|k|v matmul and the output projection).
+            cos, sin = rope_cos_sin(positions_bt, inv_freq)
+            out_btnh, *cache = kernels.paged_attention_rope(
+                q_btnh, k_btkh, v_btkh, cos, sin, *cache, layer, page_table, positions_bt,
+                kv_lens, sliding_window=cfg.sliding_window)
+            # BTNH,NHD->BTD
+            out_btd = fused_linear(out_btnh, w_o, s_o, contract=2, nk=nk, weight_only=wo,
+                                   residual=residual)
+            return out_btd, tuple(cache)
         q_btnh = constrain(apply_rope(q_btnh, positions_bt, inv_freq), (BATCH, LENGTH, HEADS, HEAD_DIM))
         k_btkh = constrain(apply_rope(k_btkh, positions_bt, inv_freq), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
         v_btkh = constrain(v_btkh, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
@@ -349,7 +425,8 @@ class Attention(nn.Module):
                 v_scale=v_scale)
         out_btnh = constrain(out_btnh, (BATCH, LENGTH, HEADS, HEAD_DIM))
         # BTNH,NHD->BTD
-        out_btd = scaled(linear(out_btnh, w_o, contract=2, weight_only=wo, nk=nk), s_o)
+        out_btd = fused_linear(out_btnh, w_o, s_o, contract=2, nk=nk, weight_only=wo,
+                               residual=residual)
         return out_btd, cache
 
 
@@ -364,7 +441,10 @@ class MLP(nn.Module):
     nk_weights: bool = False  # matmul weights stored [N, K] (see weight(); CPU decode kernels)
 
     @nn.compact
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, norm=None, residual=None):
+        """Decode on CPU (Block, fused_linear_applies): norm=(scale, eps) normalizes x_btd inside
+        the gate|up matmul, silu(gate) * up runs inside the down projection's, and the output
+        comes back as residual + output."""
         d, f = self.config.d_model, self.config.ffn_dim
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
@@ -372,9 +452,19 @@ class MLP(nn.Module):
         if self.fuse_projections:  # declared before "down", as gate and up are
             w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
                                 (EMBED, FUSED), (1,), self.dtype, raw_int8=True, nk=nk)
+            if norm is not None:
+                # BTD,DF->BTF, F = 2 ffn_dim, its scale applied with silu(gate) * up, in the
+                # down projection's call
+                gate_up = fused_linear(x, w_gu, None, nk=nk, weight_only=wo, norm=norm)
+                w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
+                                        (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
+                return fused_linear(gate_up, w_down, s_down, nk=nk, weight_only=wo, silu=True,
+                                    silu_scale=s_gu, residual=residual)  # BTF,FD->BTD
             gate_up = scaled(linear(x, w_gu, weight_only=wo, nk=nk), s_gu)  # BTD,DF->BTF, F = 2 ffn_dim
             gate_btf, up_btf = gate_up[..., :f], gate_up[..., f:]
         else:
+            if norm is not None:
+                x = rms_norm(x, norm[0], norm[1], self.dtype)
             w_gate, s_gate = weight(self, "gate", nn.initializers.normal(d ** -0.5), (d, f),
                                     (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True, nk=nk)
             w_up, s_up = weight(self, "up", nn.initializers.normal(d ** -0.5), (d, f),
@@ -384,7 +474,8 @@ class MLP(nn.Module):
         w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
                                 (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
-        return scaled(linear(hidden_btf, w_down, weight_only=wo, nk=nk), s_down)  # BTF,FD->BTD
+        # BTF,FD->BTD
+        return fused_linear(hidden_btf, w_down, s_down, nk=nk, weight_only=wo, residual=residual)
 
 
 class Block(nn.Module):
@@ -406,6 +497,24 @@ class Block(nn.Module):
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
         x_btd, cache = carry
         cfg = self.config
+        if (cache is not None and not cfg.is_moe and fused_linear_applies(
+                x_btd.shape[0] * x_btd.shape[1], self.dtype, self.weight_quant,
+                self.nk_weights)):
+            # Decode on CPU: each norm inside the matmul after it, each residual add inside the
+            # matmul before it (fused_linear; the same math, fewer XLA ops per layer).
+            attn_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")
+            attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
+                             self.weight_quant, self.fuse_projections, self.nk_weights,
+                             name="attn")
+            x_btd, cache = attn(x_btd, positions_bt, segment_ids_bt, cache, layer, page_table,
+                                kv_lens, norm=(attn_norm(x_btd, return_scale=True), cfg.norm_eps),
+                                residual=x_btd)
+            mlp_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")
+            mlp = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
+                      self.fuse_projections, self.nk_weights, name="mlp")
+            x_btd = mlp(x_btd, norm=(mlp_norm(x_btd, return_scale=True), cfg.norm_eps),
+                        residual=x_btd)
+            return (x_btd, cache), None
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
         attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
                          self.fuse_projections, self.nk_weights, name="attn")

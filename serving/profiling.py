@@ -108,9 +108,9 @@ def read_op_events(trace_dir: str) -> list[tuple[str, float]]:
         raise FileNotFoundError(f"no .xplane.pb profile under {trace_dir}")
     events = []
     for plane in ProfileData.from_file(paths[-1]).planes:
+        # Every thread's line, the caller's ("python") too: XLA:CPU runs a program that needs
+        # few threads (a small model's decode step) on the calling thread.
         for line in plane.lines:
-            if line.name == "python":
-                continue
             for ev in line.events:
                 if ev.duration_ns > 0 and not ev.name.startswith(("ThreadpoolListener", "end: ")):
                     events.append((ev.name, ev.duration_ns))

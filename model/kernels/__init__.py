@@ -99,3 +99,28 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_lens, *, i
     return ragged_paged_attention(q, k_cache, v_cache, page_table, q_pos, kv_lens, layer=layer,
                                   interpret=impl == "pallas_interpret", platform=platform,
                                   k_scale=k_scale, v_scale=v_scale, **kwargs)
+
+
+def paged_attention_rope_applies(q, k, k_cache, *, impl="xla", platform=None) -> bool:
+    """Whether decode attention of q [B, T, N, H] with new keys k [B, T, KVH, H] against
+    k_cache runs as paged_attention_rope: the XLA backend on CPU where paged_attention runs the
+    C++ kernel (cpu_ffi.use_paged_attention), with float32 new keys."""
+    if resolve_impl(impl, platform) != "xla" or q.shape[1] > DECODE_MAX_QUERY_LEN:
+        return False
+    from model.kernels import cpu_ffi
+    return k.dtype == q.dtype and cpu_ffi.use_paged_attention(q, k_cache)
+
+
+def paged_attention_rope(q, k, v, cos, sin, k_cache, v_cache, k_scale, v_scale, layer,
+                         page_table, q_pos, kv_lens, *, sliding_window=None, logit_softcap=None,
+                         scale=None):
+    """paged_attention of the rotated queries after writing the rotated new keys k and values v
+    [B, T, KVH, H] at positions q_pos (those below kv_lens) into one layer of the cache, in one
+    CPU kernel call (only where paged_attention_rope_applies). q and k come unrotated; cos, sin
+    [B, T, H / 2] (model.layers.rope_cos_sin) rotate them. Returns (out [B, T, N, H], k_cache,
+    v_cache, k_scale, v_scale), the caches updated in place."""
+    from model.kernels import cpu_ffi
+    return cpu_ffi.paged_decode_attention_rope(
+        q, k, v, cos, sin, k_cache, v_cache, layer, page_table, q_pos, kv_lens,
+        k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+        logit_softcap=logit_softcap, scale=q.shape[-1] ** -0.5 if scale is None else scale)

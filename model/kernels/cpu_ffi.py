@@ -76,7 +76,12 @@ WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight
 F32_GEMV_TARGET = "xlrt_f32_gemv"  # float32 x float32, split over K (narrow decode GEMVs)
 F32_GEMM_TARGET = "xlrt_f32_gemm"  # float32 x float32, register-blocked (batched decode)
 F32_MATMUL_NK_TARGET = "xlrt_f32_matmul_nk"  # float32 x float32 [N, K], register-blocked dots
+# f32_matmul_nk and the weight-only matmul with work fused before and after (fused_matmul).
+F32_MATMUL_NK_FUSED_TARGET = "xlrt_f32_matmul_nk_fused"
+WEIGHT_ONLY_FUSED_TARGET = "xlrt_f32_int8_matmul_fused"
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
+# The same with RoPE and the write of the new keys and values folded in (+ "_f32" or "_int8").
+ATTENTION_ROPE_TARGET = "xlrt_paged_decode_attention_rope"
 # Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
 # 960), 2-4 rows into at most F32_GEMV_WIDE_MAX_N (gate|up too, N = 3072). Same-run A/B of the
@@ -220,8 +225,9 @@ def load() -> bool:
 
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
-    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_MATMUL_NK_TARGET and
-    ATTENTION_TARGET, each followed by `suffix` (the attention target then by "_f32" and
+    W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_MATMUL_NK_TARGET,
+    F32_MATMUL_NK_FUSED_TARGET, WEIGHT_ONLY_FUSED_TARGET, ATTENTION_TARGET and
+    ATTENTION_ROPE_TARGET, each followed by `suffix` (the attention targets then by "_f32" and
     "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
@@ -230,8 +236,12 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
                          (F32_GEMV_TARGET + suffix, lib.XlrtF32Gemv),
                          (F32_GEMM_TARGET + suffix, lib.XlrtF32Gemm),
                          (F32_MATMUL_NK_TARGET + suffix, lib.XlrtF32MatmulNk),
+                         (F32_MATMUL_NK_FUSED_TARGET + suffix, lib.XlrtF32MatmulNkFused),
+                         (WEIGHT_ONLY_FUSED_TARGET + suffix, lib.XlrtF32Int8MatmulFused),
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
-                         (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8)):
+                         (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8),
+                         (ATTENTION_ROPE_TARGET + suffix + "_f32", lib.XlrtPagedDecodeRopeF32),
+                         (ATTENTION_ROPE_TARGET + suffix + "_int8", lib.XlrtPagedDecodeRopeInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
@@ -335,6 +345,69 @@ def f32_matmul_nk(x, w, target: str = F32_MATMUL_NK_TARGET):
     return _f32_matmul(target, True, x, w)
 
 
+# fused_matmul's prologues (csrc/parallel.h Prologue).
+PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}
+
+
+def use_fused_matmul(rows: int, x_dtype, w_dtype, transpose_w: bool) -> bool:
+    """Whether a traced decode matmul of `rows` rows of x_dtype against a w_dtype weight runs
+    fused_matmul: float32 rows against a float32 [N, K] weight where f32_matmul_nk runs, or
+    against an int8 one (weight-only) where weight_only_matmul runs."""
+    if jnp.dtype(x_dtype) != jnp.float32:
+        return False
+    if jnp.dtype(w_dtype) == jnp.int8:
+        return use_weight_only_matmul(rows, x_dtype)
+    return transpose_w and use_f32_matmul_nk(rows, w_dtype)
+
+
+def fused_matmul(x, w, transpose_w: bool, *, prologue=None, prologue_weight=None, eps=0.0,
+                 col_scale=None, residual=None, suffix: str = ""):
+    """[residual +] (prologue(x) @ w) [* col_scale] in one FFI call (call use_fused_matmul
+    first): w float32 [N, K] (f32_matmul_nk, transpose_w=True) or int8 [K, N] / [N, K]
+    (weight-only, float(w)). prologue: None; "rms_norm", x * rsqrt(mean(x^2) + eps) *
+    prologue_weight [K]; or "silu_mul", x [M, 2K] = gate | up (each times its half of
+    prologue_weight [2K] if given) -> silu(gate) * up. The products and sums of the epilogue
+    round as the separate ops; the prologue's sums run in another order than XLA's (equal to
+    rounding). `suffix`: that of the registered build to call (register)."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"fused_matmul: prologue {prologue!r} is not one of "
+                         f"{', '.join(map(repr, PROLOGUES))}")
+    int8 = w.dtype == jnp.int8
+    if x.dtype != jnp.float32 or x.ndim != 2 or w.ndim != 2 or not (
+            int8 or (w.dtype == jnp.float32 and transpose_w)):
+        raise ValueError(f"fused_matmul takes float32 x [M, K] and a float32 w [N, K] "
+                         f"(transpose_w) or an int8 w, got {x.dtype}{list(x.shape)} and "
+                         f"{w.dtype}{list(w.shape)}")
+    m = x.shape[0]
+    k, n = (w.shape[1], w.shape[0]) if transpose_w else w.shape
+    if x.shape[1] != (2 * k if prologue == "silu_mul" else k):
+        raise ValueError(f"fused_matmul: x has {x.shape[1]} columns, w contracts {k}"
+                         + (" (silu_mul takes gate | up, 2K columns)"
+                            if prologue == "silu_mul" else ""))
+    empty = jnp.zeros((0,), jnp.float32)
+
+    def operand(a, shape, what):
+        if a is None:
+            return empty
+        if a.shape != shape:
+            raise ValueError(f"fused_matmul: {what} must be {list(shape)}, got {list(a.shape)}")
+        return a.astype(jnp.float32)
+
+    pw_shape = {"rms_norm": (k,), "silu_mul": (2 * k,), None: (0,)}[prologue]
+    if prologue == "rms_norm" and prologue_weight is None:
+        raise ValueError("fused_matmul: rms_norm needs prologue_weight (the norm's scale)")
+    operands = (x, w, operand(prologue_weight, pw_shape, "prologue_weight"),
+                operand(col_scale, (n,), "col_scale"), operand(residual, (m, n), "residual"))
+    attrs = dict(prologue=np.int64(PROLOGUES[prologue]), eps=np.float32(eps))
+    if int8:
+        target, attrs["transpose_w"] = WEIGHT_ONLY_FUSED_TARGET, np.int64(bool(transpose_w))
+    else:
+        target = F32_MATMUL_NK_FUSED_TARGET
+    call = jax.ffi.ffi_call(target + suffix, jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
+    return call(*operands, **attrs)
+
+
 def use_f32_gemm(rows: int, dtype) -> bool:
     """Whether a traced float32 matmul of `rows` rows with [K, N] weights runs the
     register-blocked GEMM: F32_GEMM_MIN_ROWS to F32_GEMM_MAX_ROWS rows (batched decode)."""
@@ -397,6 +470,45 @@ def use_paged_attention(q, k_cache) -> bool:
             or jnp.dtype(k_cache.dtype) not in (jnp.float32, jnp.int8)):
         return False
     return _usable()
+
+
+def paged_decode_attention_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, layer, page_table,
+                                q_pos, kv_lens, *, scale, sliding_window=None,
+                                logit_softcap=None, k_scale=None, v_scale=None,
+                                target: str = ATTENTION_ROPE_TARGET):
+    """Decode attention with the rotary embedding and the cache write folded in, in one FFI
+    call (`target` + "_f32" or "_int8"): q [B, T, N, H] and the new k_new, v_new [B, T, KVH, H]
+    come unrotated, cos and sin [B, T, H / 2] (model.layers.rope_cos_sin) rotate q and k_new,
+    the rotated keys and the values are stored at positions q_pos of each sequence (those below
+    kv_lens; an int8 cache quantizes them as model.kernels.quantize_int8 with its k_scale,
+    v_scale), and the rotated queries attend as in paged_decode_attention, to the new tokens
+    too. Returns (out, k_cache, v_cache, k_scale, v_scale): the caches updated in place (their
+    operands are aliased to these results; donate them, as the decode step does)."""
+    int8 = jnp.dtype(k_cache.dtype) == jnp.int8
+    if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError("paged_decode_attention_rope: an int8 cache needs k_scale and v_scale, "
+                         "a float32 cache neither")
+    if (q.dtype != jnp.float32 or k_new.dtype != jnp.float32 or v_new.dtype != jnp.float32
+            or k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.int8)):
+        raise ValueError(f"paged_decode_attention_rope takes float32 q, k_new, v_new and k, v "
+                         f"caches of one dtype, float32 or int8; got {q.dtype}, {k_new.dtype}, "
+                         f"{v_new.dtype}, {k_cache.dtype} and {v_cache.dtype}")
+    caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
+    first = 5  # operand index of k_cache
+    call = jax.ffi.ffi_call(
+        target + ("_int8" if int8 else "_f32"),
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
+        vmap_method="sequential",
+        input_output_aliases={first + i: 1 + i for i in range(len(caches))})
+    out, *caches = call(q, k_new, v_new, cos.astype(jnp.float32), sin.astype(jnp.float32),
+                        *caches, jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32),
+                        q_pos.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                        scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
+                        window=np.int64(sliding_window or 0))
+    k_cache, v_cache = caches[:2]
+    k_scale, v_scale = caches[2:] if int8 else (None, None)
+    return out, k_cache, v_cache, k_scale, v_scale
 
 
 def _usable() -> bool:

@@ -664,9 +664,12 @@ def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine,
         assert cpu_ffi.F32_MATMUL_NK_TARGET not in hlo
         args = (nk.params,) + args[1:3] + (nk.cache,) + args[4:]
         hlo = jax.jit(functools.partial(decode_step, nk.model)).lower(*args).as_text()
-        # q|k|v, attention output, gate|up and down in each layer, and the tied LM head
+        # q|k|v, attention output, gate|up and down in each layer, with their norms, silu and
+        # residual adds fused in, and the tied LM head
+        assert hlo.count(f"custom_call @{cpu_ffi.F32_MATMUL_NK_FUSED_TARGET}(") == (
+            4 * nk.model.config.num_layers if vector else 0), rows
         assert hlo.count(f"custom_call @{cpu_ffi.F32_MATMUL_NK_TARGET}(") == (
-            4 * nk.model.config.num_layers + 1 if vector else 0), rows
+            1 if vector else 0), rows
         assert cpu_ffi.F32_GEMM_TARGET not in hlo
 
 

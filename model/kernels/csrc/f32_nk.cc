@@ -282,6 +282,41 @@ ffi::Error F32MatmulNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// y = epilogue(prologue(x) @ w^T) (parallel.h Fusion): x [M, K], or [M, 2K] for silu(gate) * up.
+ffi::Error F32MatmulNkFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> weight,
+                                ffi::Buffer<ffi::F32> col_scale, ffi::Buffer<ffi::F32> residual,
+                                ffi::ResultBuffer<ffi::F32> y, int64_t prologue, float eps) {
+  const std::string name = "xlrt_f32_matmul_nk_fused";
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
+  }
+  const int64_t M = xd[0], K = wd[1], N = wd[0];
+  const int64_t Kx = prologue == xlrt::kSiluMul ? 2 * K : K;
+  if (xd[1] != Kx || yd[0] != M || yd[1] != N) {
+    return ffi::Error::InvalidArgument(name + ": expected x [M, K] ([M, 2K] for silu(gate) * "
+                                       "up), w [N, K] and y [M, N]");
+  }
+  xlrt::Fusion f;
+  ffi::Error error = xlrt::read_fusion(name, prologue, eps, weight, col_scale, residual, M, K, N,
+                                       &f);
+  if (error.failure()) return error;
+  float* yp = y->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  std::vector<float> scratch;
+  const float* xp = xlrt::run_prologue(f, x.typed_data(), M, K, scratch);
+  const float* wp = w.typed_data();
+  parallel_for(pool, (N + kItemRows - 1) / kItemRows, [&](int64_t i) {
+    const int64_t n0 = i * kItemRows, n1 = std::min(N, n0 + kItemRows);
+    nk_item(xp, wp, yp, M, K, N, n0, n1);
+    xlrt::run_epilogue(f, yp, M, N, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNk, F32MatmulNkImpl, xlrt::F32MatmulBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNkFused, F32MatmulNkFusedImpl,
+                              xlrt::FusedBinding<ffi::F32>());

@@ -1090,17 +1090,10 @@ void f32_nk_tile(const float* x, const int8_t* w, float* y, int64_t M, int64_t K
   }
 }
 
-ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
-                             int64_t transpose_w) {
-  int64_t M, K, N;
-  ffi::Error error = CheckDims("xlrt_f32_int8_matmul", x.dimensions(), w.dimensions(),
-                               y->dimensions(), transpose_w, &M, &K, &N);
-  if (error.failure()) return error;
-  const float* xp = x.typed_data();
-  const int8_t* wp = w.typed_data();
-  float* yp = y->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
+// y = epilogue(x @ float(w)) for x [M, K] (already through any prologue), w [K, N] or [N, K].
+void f32_int8_matmul(ffi::ThreadPool& pool, const float* xp, const int8_t* wp, float* yp,
+                     int64_t M, int64_t K, int64_t N, int64_t transpose_w,
+                     const xlrt::Fusion& f) {
   // One row streams best as wide column ranges; more rows reuse each widened weight from
   // registers (AVX-512) across up to 6 rows. kF32Range is 4 chunks of 64 columns.
   // AVX2: up to kRowsAvx2 rows share one pass over a column range, more use packed tiles.
@@ -1122,7 +1115,48 @@ ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
 #endif
+    xlrt::run_epilogue(f, yp, M, N, n0, n1);
   });
+}
+
+ffi::Error F32Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t transpose_w) {
+  int64_t M, K, N;
+  ffi::Error error = CheckDims("xlrt_f32_int8_matmul", x.dimensions(), w.dimensions(),
+                               y->dimensions(), transpose_w, &M, &K, &N);
+  if (error.failure()) return error;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  f32_int8_matmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N, transpose_w,
+                  xlrt::Fusion{});
+  return ffi::Error::Success();
+}
+
+// Weight-only int8 with the work of parallel.h's Fusion around it: x [M, K], or [M, 2K] for
+// silu(gate) * up.
+ffi::Error F32Int8MatmulFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> weight,
+                                  ffi::Buffer<ffi::F32> col_scale,
+                                  ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
+                                  int64_t prologue, float eps, int64_t transpose_w) {
+  const std::string name = "xlrt_f32_int8_matmul_fused";
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
+  }
+  const int64_t M = xd[0], K = transpose_w ? wd[1] : wd[0], N = transpose_w ? wd[0] : wd[1];
+  if (xd[1] != (prologue == xlrt::kSiluMul ? 2 * K : K) || yd[0] != M || yd[1] != N) {
+    return ffi::Error::InvalidArgument(name + ": expected x [M, K] ([M, 2K] for silu(gate) * "
+                                       "up), w [K, N] (or [N, K] with transpose_w), y [M, N]");
+  }
+  xlrt::Fusion f;
+  ffi::Error error = xlrt::read_fusion(name, prologue, eps, weight, col_scale, residual, M, K, N,
+                                       &f);
+  if (error.failure()) return error;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  std::vector<float> scratch;
+  const float* xp = xlrt::run_prologue(f, x.typed_data(), M, K, scratch);
+  f32_int8_matmul(pool, xp, w.typed_data(), y->typed_data(), M, K, N, transpose_w, f);
   return ffi::Error::Success();
 }
 
@@ -1152,5 +1186,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtW8a8Matmul, W8a8MatmulImpl,
                                   .Attr<int64_t>("transpose_w"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Int8Matmul, F32Int8MatmulImpl,
                               (MatmulBinding<ffi::F32, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32Int8MatmulFused, F32Int8MatmulFusedImpl,
+                              xlrt::FusedBinding<ffi::S8>().Attr<int64_t>("transpose_w"));
 
 extern "C" int xlrt_int8_matmul_vnni() { return XLRT_VNNI; }

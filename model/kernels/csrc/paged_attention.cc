@@ -591,6 +591,162 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                       page_table, q_pos, kv_lens, out, scale, softcap, window);
 }
 
+// ---- Decode attention with RoPE and the cache write folded in ----------------------------------
+//
+// The model's decode step otherwise runs, per layer, XLA ops between the q|k|v matmul and this
+// kernel: the rotary embedding of q and k (slices, products and a concatenate), and for k and v a
+// scatter of the new token into its page (plus, for an int8 cache, the per-token quantization).
+// On the CPU each is a separate small loop over a few hundred floats, together ~15% of a
+// weight-only int8 batch-1 step (docs/PERFORMANCE.md, session 18). This entry does the same work
+// in the kernel: q and the new k rotated with cos / sin the model computed (the same frequencies
+// and Llama-3 scaling as its XLA path), k and v stored at their slots in the cache buffers, which
+// XLA passes in and out aliased (updated in place), then attention as above.
+
+// rot[i] = x[i] cos[i] - x[i + H/2] sin[i], rot[i + H/2] = x[i + H/2] cos[i] + x[i] sin[i] (the
+// "rotate half" convention of model/layers.py apply_rope).
+inline void rope(const float* x, const float* cos, const float* sin, int64_t H, float* rot) {
+  const int64_t half = H / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    rot[i] = x1 * cos[i] - x2 * sin[i];
+    rot[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+// Stores one token's vector x [H] of kv head `kvh` at (page, slot): as it is into a float cache,
+// or as model.kernels.quantize_int8 does into an int8 one (scale = max|x| / 127, values
+// round-half-even(x / scale) clipped to +-127; an all-zero x gets scale 0 and zeros).
+inline void store(const float* x, int64_t H, float* cache, float*, int64_t at, int64_t) {
+  std::memcpy(cache + at * H, x, H * sizeof(float));
+}
+inline void store(const float* x, int64_t H, int8_t* cache, float* scales, int64_t at,
+                  int64_t scale_at) {
+  float amax = 0.0f;
+  for (int64_t h = 0; h < H; ++h) amax = std::max(amax, std::fabs(x[h]));
+  const float scale = amax * (1.0f / 127.0f);  // as XLA computes max / 127: the same bits
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  for (int64_t h = 0; h < H; ++h) {
+    const float r = std::nearbyint(x[h] / safe);
+    cache[at * H + h] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+  scales[scale_at] = scale;
+}
+
+template <typename T, typename CacheBuf>
+ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                         ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                         ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                         ffi::ResultBuffer<ffi::F32> out, CacheBuf k, CacheBuf v,
+                         float* k_scale, float* v_scale, float scale, float softcap,
+                         int64_t window) {
+  const std::string name = "xlrt_paged_decode_attention_rope";
+  Args a;
+  ffi::Error error = CheckShapes(name, q.dimensions(), k->dimensions(), v->dimensions(),
+                                 page_table.dimensions(), q_pos.dimensions(),
+                                 kv_lens.dimensions(), out->dimensions(), &a.d);
+  if (error.failure()) return error;
+  const Shape& d = a.d;
+  const auto kn = k_new.dimensions(), vn = v_new.dimensions();
+  const auto cd = cos.dimensions(), sd = sin.dimensions();
+  if (kn.size() != 4 || vn.size() != 4 || kn[0] != d.B || kn[1] != d.T || kn[2] != d.KVH ||
+      kn[3] != d.H) {
+    return ffi::Error::InvalidArgument(name + ": new keys and values must be [B, T, KVH, H]");
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (vn[i] != kn[i]) return ffi::Error::InvalidArgument(name + ": k_new and v_new differ");
+  }
+  if (d.H % 2 != 0 || cd.size() != 3 || sd.size() != 3 || cd[0] != d.B || cd[1] != d.T ||
+      cd[2] != d.H / 2 || sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2]) {
+    return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, T, H / 2], H even");
+  }
+  if (layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(name + ": layer must be a scalar");
+  }
+  a.layer = layer.typed_data()[0];
+  a.page_table = page_table.typed_data();
+  a.q_pos = q_pos.typed_data();
+  a.kv_lens = kv_lens.typed_data();
+  a.scale = scale;
+  a.softcap = softcap;
+  a.window = window;
+  error = Validate(a);  // also every page the new tokens go to: they lie below kv_lens
+  if (error.failure()) return error;
+  T* kc = k->typed_data();
+  T* vc = v->typed_data();
+  const int64_t H = d.H, half = H / 2;
+  // The new tokens' keys and values into their pages; tokens at positions >= kv_lens (padding)
+  // are not stored (the XLA path sends them to the reserved page 0, which nothing reads).
+  std::vector<float> rot(H);
+  for (int64_t b = 0; b < d.B; ++b) {
+    const int64_t len = std::min<int64_t>(a.kv_lens[b], d.W * d.PS);
+    for (int64_t t = 0; t < d.T; ++t) {
+      const int64_t pos = a.q_pos[b * d.T + t];
+      if (pos < 0 || pos >= len) continue;
+      const int64_t page = a.page_table[b * d.W + pos / d.PS], slot = pos % d.PS;
+      const float* c = cos.typed_data() + (b * d.T + t) * half;
+      const float* s = sin.typed_data() + (b * d.T + t) * half;
+      for (int64_t kvh = 0; kvh < d.KVH; ++kvh) {
+        const int64_t head_page = (a.layer * d.KVH + kvh) * d.P + page;
+        const int64_t at = head_page * d.PS + slot;
+        const int64_t src = ((b * d.T + t) * d.KVH + kvh) * H;
+        rope(k_new.typed_data() + src, c, s, H, rot.data());
+        store(rot.data(), H, kc, k_scale, at, at);
+        store(v_new.typed_data() + src, H, vc, v_scale, at, at);
+      }
+    }
+  }
+  // The queries, rotated.
+  std::vector<float> qr(d.B * d.T * d.N * H);
+  for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
+    const float* c = cos.typed_data() + bt * half;
+    const float* s = sin.typed_data() + bt * half;
+    for (int64_t n = 0; n < d.N; ++n)
+      rope(q.typed_data() + (bt * d.N + n) * H, c, s, H, qr.data() + (bt * d.N + n) * H);
+  }
+  a.q = qr.data();
+  a.k = kc;
+  a.v = vc;
+  a.k_scale = k_scale;
+  a.v_scale = v_scale;
+  return Run<T>(pool, a, out->typed_data());
+}
+
+ffi::Error RopeF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                       ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k,
+                       ffi::ResultBuffer<ffi::F32> v, float scale, float softcap,
+                       int64_t window) {
+  return RopeWriteImpl<float>(pool, q, k_new, v_new, cos, sin, layer, page_table, q_pos, kv_lens,
+                              out, k, v, nullptr, nullptr, scale, softcap, window);
+}
+
+ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                        ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                        ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> layer,
+                        ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                        ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::S8> k, ffi::ResultBuffer<ffi::S8> v,
+                        ffi::ResultBuffer<ffi::F32> k_scale, ffi::ResultBuffer<ffi::F32> v_scale,
+                        float scale, float softcap, int64_t window) {
+  const auto kd = k->dimensions();
+  const auto sd = k_scale->dimensions();
+  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
+      sd[3] != 1 || sd[4] != kd[3] || v_scale->element_count() != k_scale->element_count()) {
+    return ffi::Error::InvalidArgument(
+        "xlrt_paged_decode_attention_rope: int8 cache scales must be [L, KVH, P, 1, PS]");
+  }
+  return RopeWriteImpl<int8_t>(pool, q, k_new, v_new, cos, sin, layer, page_table, q_pos,
+                               kv_lens, out, k, v, k_scale->typed_data(), v_scale->typed_data(),
+                               scale, softcap, window);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeF32, F32Impl,
@@ -621,6 +777,54 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeInt8, Int8Impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
+
+// The cache operands (k, v and an int8 cache's scales) are aliased to the results of the same
+// name (cpu_ffi.paged_decode_attention_rope): the kernel reads and writes the result buffers.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeRopeF32, RopeF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, not rotated
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys, not rotated
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos [B, T, H / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // attention output
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v cache
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeRopeInt8, RopeInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, not rotated
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys, not rotated
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos [B, T, H / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // k cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // v cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k scales (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v scales (aliased)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // attention output
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // k cache
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // v cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k scales
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v scales
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window"));
