@@ -32,7 +32,7 @@ from model.kernels import cpu_ffi, split_impl
 from model.layers import fuse_projection_loaders
 from model.quantize import int8_loaders, nk_loaders
 from model.registry import load_checkpoint
-from serving.host_memory import keep_freed_memory
+from serving.host_memory import HugePageArena, keep_freed_memory
 from serving.kv_pages import PageAllocator, pages_for_budget
 from serving.sampling import (MAX_LOGPROBS, SamplingTensors,
                               apply_penalties, sample, top_logprobs)
@@ -175,8 +175,15 @@ class Engine(RequestFrontEnd):
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(jax.tree.leaves(loaders)), desc="loading weights", unit="tensor")
+        # On one CPU, the weights in 2 MiB pages: decode streams every one of them per token
+        # (serving.host_memory).
+        self.weight_arena = None
+        if mesh is None and jax.default_backend() == "cpu":
+            self.weight_arena = HugePageArena.create(sum(
+                int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
+                for p in jax.tree.leaves(abstract_params(self.model))))
         self.params = place_params(loaders, self.param_axes, mesh, self.rules, self.dtype,
-                                   progress=bar.update if bar else None)
+                                   progress=bar.update if bar else None, arena=self.weight_arena)
         if bar:
             bar.close()
         eos = set(getattr(self.tokenizer, "eos_ids", ()) or ())

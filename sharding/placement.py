@@ -122,13 +122,15 @@ def kv_scale_sharding(config, num_pages: int, page_size: int, mesh: Mesh, rules)
 
 
 def place_params(loaders, axes_tree, mesh: Mesh | None = None, rules=None, dtype=jnp.float32,
-                 progress=None):
+                 progress=None, arena=None):
     """Read each parameter from its loader and place it: sharded on `mesh`, else on device 0.
 
     loaders: tree of zero-argument functions returning numpy arrays in xlrt layout.
     axes_tree: the same tree with logical-axis tuples as leaves (model.decoder.logical_axes).
     rules: best already fitted to the model (fit_rules); indivisible dimensions are replicated.
     progress: optional callable(n) called after each tensor (e.g. a tqdm's update).
+    arena: without a mesh, on the CPU, a serving.host_memory.HugePageArena to hold the tensors
+    (XLA aliases its views); a tensor that does not fit is placed as usual.
     Host memory peaks at one full tensor (the one being placed) per process.
     """
     rules = get_rules(rules)
@@ -139,7 +141,11 @@ def place_params(loaders, axes_tree, mesh: Mesh | None = None, rules=None, dtype
         host = np.asarray(load())
         if np.issubdtype(host.dtype, np.floating):  # quantized integer weights keep their dtype
             host = host.astype(jnp.dtype(dtype))
-        if mesh is None:
+        view = arena.take(host.shape, host.dtype) if mesh is None and arena else None
+        if view is not None:
+            view[...] = host
+            out.append(jax.device_put(view))
+        elif mesh is None:
             out.append(jax.device_put(host))
         else:
             sharding = NamedSharding(mesh, partition_spec(names, host.shape, mesh, rules,
