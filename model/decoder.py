@@ -21,7 +21,7 @@ from model.config import ModelConfig
 from model.kernels import cpu_ffi
 from model.layers import (BATCH, CACHE_PAGE_SLOT, CACHE_PAGES, EMBED, HEAD_DIM, KV_HEADS, LAYERS,
                           LENGTH, VOCAB, WEIGHT_QUANT, Block, RMSNorm, constrain, linear, matmul_2d,
-                          scaled, weight)
+                          rope_cos_sin, rope_frequencies, scaled, weight)
 
 Dtype = Any
 
@@ -149,22 +149,26 @@ class Decoder(nn.Module):
         block_args = (cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
                       self.fuse_projections, self.nk_weights)
         kv = None if cache is None else (cache.k, cache.v, cache.k_scale, cache.v_scale)
+        # With a cache: the rotary cos / sin of these positions, once for every layer (the CPU
+        # decode kernel takes them; model.layers.Attention)
+        rope = None if cache is None else rope_cos_sin(positions_bt, rope_frequencies(cfg))
         if self.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, "intermediates": 0},  # MoE sows its aux loss
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                         nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )(*block_args, name="layers")
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x_btd, kv), _ = stack((x_btd, kv), layer_ids, positions_bt, segment_ids_bt,
-                                   page_table, kv_lens)
+                                   page_table, kv_lens, rope)
         else:
             for i in range(cfg.num_layers):
                 (x_btd, kv), _ = block(*block_args, name=f"layers_{i}")(
-                    (x_btd, kv), i, positions_bt, segment_ids_bt, page_table, kv_lens)
+                    (x_btd, kv), i, positions_bt, segment_ids_bt, page_table, kv_lens, rope)
         new_cache = None if cache is None else KVCache(*kv)
 
         x_btd = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x_btd)

@@ -337,12 +337,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens,
-                 norm=None, residual=None):
+                 norm=None, residual=None, rope=None):
         """cache: None (full-sequence attention) or (k, v, k_scale, v_scale) stacked over layers
         (scales None for a float cache; with them k, v are int8); returns the output and the
         cache with this layer's new keys/values written.
         Decode on CPU (Block, fused_linear_applies): norm=(scale, eps) normalizes x_btd inside
-        the q|k|v matmul, and the output comes back as residual + output."""
+        the q|k|v matmul, and the output comes back as residual + output. rope: (cos, sin) of
+        positions_bt (rope_cos_sin), computed once for all layers, or None."""
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=d ** -0.5)
@@ -356,10 +357,12 @@ class Attention(nn.Module):
             # BTD,DF->BTF with F = (n + 2k) h
             qkv = fused_linear(x, w_qkv, s_qkv, nk=nk, weight_only=wo, norm=norm)
             lead = qkv.shape[:-1]
+            packed = qkv.reshape(*lead, n + 2 * k, h)  # q, k, v heads side by side
             q_btnh = qkv[..., :n * h].reshape(*lead, n, h)
             k_btkh = qkv[..., n * h:(n + k) * h].reshape(*lead, k, h)
             v_btkh = qkv[..., (n + k) * h:].reshape(*lead, k, h)
         else:
+            packed = None
             if norm is not None:
                 x = rms_norm(x, norm[0], norm[1], self.dtype)
             w_q, s_q = weight(self, "q", init, (d, n, h), (EMBED, HEADS, HEAD_DIM), (1, 2),
@@ -373,6 +376,8 @@ class Attention(nn.Module):
             v_btkh = scaled(linear(x, w_v, weight_only=wo, nk=nk), s_v)  # BTD,DKH->BTKH
         w_o, s_o = weight(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
                           (HEADS, HEAD_DIM, EMBED), (2,), self.dtype, raw_int8=True, nk=nk)
+        if cfg.qkv_bias or cfg.qk_norm:
+            packed = None  # q, k, v change below
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q_btnh += param_with_axes(self, "q_bias", zeros, (n, h), (HEADS, HEAD_DIM),
@@ -389,10 +394,12 @@ class Attention(nn.Module):
                 q_btnh, k_btkh, cache[0], impl=self.attention_impl):
             # Decode on CPU: RoPE, the cache write and attention in one kernel call (no XLA ops
             # between the q|k|v matmul and the output projection).
-            cos, sin = rope_cos_sin(positions_bt, inv_freq)
+            if packed is None:
+                packed = jnp.concatenate([q_btnh, k_btkh, v_btkh], axis=2)
+            cos, sin = rope if rope is not None else rope_cos_sin(positions_bt, inv_freq)
             out_btnh, *cache = kernels.paged_attention_rope(
-                q_btnh, k_btkh, v_btkh, cos, sin, *cache, layer, page_table, positions_bt,
-                kv_lens, sliding_window=cfg.sliding_window)
+                packed, cos, sin, *cache, layer, page_table, positions_bt, kv_lens,
+                sliding_window=cfg.sliding_window)
             # BTNH,NHD->BTD
             out_btd = fused_linear(out_btnh, w_o, s_o, contract=2, nk=nk, weight_only=wo,
                                    residual=residual)
@@ -494,7 +501,8 @@ class Block(nn.Module):
     nk_weights: bool = False
 
     @nn.compact
-    def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens):
+    def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens,
+                 rope=None):
         x_btd, cache = carry
         cfg = self.config
         if (cache is not None and not cfg.is_moe and fused_linear_applies(
@@ -508,7 +516,7 @@ class Block(nn.Module):
                              name="attn")
             x_btd, cache = attn(x_btd, positions_bt, segment_ids_bt, cache, layer, page_table,
                                 kv_lens, norm=(attn_norm(x_btd, return_scale=True), cfg.norm_eps),
-                                residual=x_btd)
+                                residual=x_btd, rope=rope)
             mlp_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")
             mlp = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
                       self.fuse_projections, self.nk_weights, name="mlp")
@@ -518,7 +526,8 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
         attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
                          self.fuse_projections, self.nk_weights, name="attn")
-        attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens)
+        attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens,
+                               rope=rope)
         x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
         if cfg.is_moe:

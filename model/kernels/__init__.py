@@ -111,16 +111,17 @@ def paged_attention_rope_applies(q, k, k_cache, *, impl="xla", platform=None) ->
     return k.dtype == q.dtype and cpu_ffi.use_paged_attention(q, k_cache)
 
 
-def paged_attention_rope(q, k, v, cos, sin, k_cache, v_cache, k_scale, v_scale, layer,
-                         page_table, q_pos, kv_lens, *, sliding_window=None, logit_softcap=None,
+def paged_attention_rope(qkv, cos, sin, k_cache, v_cache, k_scale, v_scale, layer, page_table,
+                         q_pos, kv_lens, *, sliding_window=None, logit_softcap=None,
                          scale=None):
-    """paged_attention of the rotated queries after writing the rotated new keys k and values v
-    [B, T, KVH, H] at positions q_pos (those below kv_lens) into one layer of the cache, in one
-    CPU kernel call (only where paged_attention_rope_applies). q and k come unrotated; cos, sin
-    [B, T, H / 2] (model.layers.rope_cos_sin) rotate them. Returns (out [B, T, N, H], k_cache,
-    v_cache, k_scale, v_scale), the caches updated in place."""
+    """paged_attention of the rotated queries after writing the rotated new keys and the values
+    at positions q_pos (those below kv_lens) into one layer of the cache, in one CPU kernel call
+    (only where paged_attention_rope_applies). qkv [B, T, N + 2 KVH, H]: each token's query
+    heads, then its new key and value heads, unrotated; cos, sin [B, T, H / 2]
+    (model.layers.rope_cos_sin) rotate them. Returns (out [B, T, N, H], k_cache, v_cache,
+    k_scale, v_scale), the caches updated in place."""
     from model.kernels import cpu_ffi
     return cpu_ffi.paged_decode_attention_rope(
-        q, k, v, cos, sin, k_cache, v_cache, layer, page_table, q_pos, kv_lens,
-        k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
-        logit_softcap=logit_softcap, scale=q.shape[-1] ** -0.5 if scale is None else scale)
+        qkv, cos, sin, k_cache, v_cache, layer, page_table, q_pos, kv_lens, k_scale=k_scale,
+        v_scale=v_scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
+        scale=qkv.shape[-1] ** -0.5 if scale is None else scale)

@@ -472,37 +472,44 @@ def use_paged_attention(q, k_cache) -> bool:
     return _usable()
 
 
-def paged_decode_attention_rope(q, k_new, v_new, cos, sin, k_cache, v_cache, layer, page_table,
-                                q_pos, kv_lens, *, scale, sliding_window=None,
-                                logit_softcap=None, k_scale=None, v_scale=None,
-                                target: str = ATTENTION_ROPE_TARGET):
+def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_table, q_pos,
+                                kv_lens, *, scale, sliding_window=None, logit_softcap=None,
+                                k_scale=None, v_scale=None, target: str = ATTENTION_ROPE_TARGET):
     """Decode attention with the rotary embedding and the cache write folded in, in one FFI
-    call (`target` + "_f32" or "_int8"): q [B, T, N, H] and the new k_new, v_new [B, T, KVH, H]
-    come unrotated, cos and sin [B, T, H / 2] (model.layers.rope_cos_sin) rotate q and k_new,
-    the rotated keys and the values are stored at positions q_pos of each sequence (those below
-    kv_lens; an int8 cache quantizes them as model.kernels.quantize_int8 with its k_scale,
-    v_scale), and the rotated queries attend as in paged_decode_attention, to the new tokens
-    too. Returns (out, k_cache, v_cache, k_scale, v_scale): the caches updated in place (their
-    operands are aliased to these results; donate them, as the decode step does)."""
+    call (`target` + "_f32" or "_int8"). qkv [B, T, N + 2 KVH, H] holds each token's query
+    heads, then its new key heads and value heads, unrotated (a fused q|k|v projection's
+    output, reshaped); cos and sin [B, T, H / 2] (model.layers.rope_cos_sin) rotate the queries
+    and keys; the rotated keys and the values are stored at positions q_pos of each sequence
+    (those below kv_lens; an int8 cache quantizes them as model.kernels.quantize_int8 with its
+    k_scale, v_scale), and the rotated queries attend as in paged_decode_attention, to the new
+    tokens too. Returns (out [B, T, N, H], k_cache, v_cache, k_scale, v_scale): the caches
+    updated in place (their operands are aliased to these results; donate them, as the decode
+    step does)."""
     int8 = jnp.dtype(k_cache.dtype) == jnp.int8
     if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("paged_decode_attention_rope: an int8 cache needs k_scale and v_scale, "
                          "a float32 cache neither")
-    if (q.dtype != jnp.float32 or k_new.dtype != jnp.float32 or v_new.dtype != jnp.float32
-            or k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.int8)):
-        raise ValueError(f"paged_decode_attention_rope takes float32 q, k_new, v_new and k, v "
-                         f"caches of one dtype, float32 or int8; got {q.dtype}, {k_new.dtype}, "
-                         f"{v_new.dtype}, {k_cache.dtype} and {v_cache.dtype}")
+    if (qkv.dtype != jnp.float32 or k_cache.dtype != v_cache.dtype
+            or k_cache.dtype not in (jnp.float32, jnp.int8)):
+        raise ValueError(f"paged_decode_attention_rope takes float32 qkv and k, v caches of one "
+                         f"dtype, float32 or int8; got {qkv.dtype}, {k_cache.dtype} and "
+                         f"{v_cache.dtype}")
+    kv_heads = k_cache.shape[1]
+    if qkv.ndim != 4 or qkv.shape[2] <= 2 * kv_heads:
+        raise ValueError(f"paged_decode_attention_rope: qkv must be [B, T, N + 2 KVH, H] with "
+                         f"N > 0 query heads and the cache's KVH = {kv_heads}, got "
+                         f"{list(qkv.shape)}")
+    b, t, heads, h = qkv.shape
     caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
-    first = 5  # operand index of k_cache
+    first = 3  # operand index of k_cache
     call = jax.ffi.ffi_call(
         target + ("_int8" if int8 else "_f32"),
-        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        (jax.ShapeDtypeStruct((b, t, heads - 2 * kv_heads, h), jnp.float32),
          *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
         vmap_method="sequential",
         input_output_aliases={first + i: 1 + i for i in range(len(caches))})
-    out, *caches = call(q, k_new, v_new, cos.astype(jnp.float32), sin.astype(jnp.float32),
-                        *caches, jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32),
+    out, *caches = call(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), *caches,
+                        jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32),
                         q_pos.astype(jnp.int32), kv_lens.astype(jnp.int32),
                         scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
                         window=np.int64(sliding_window or 0))

@@ -73,10 +73,15 @@ def xla_rope_write(case, layer):
     return out
 
 
+def packed(case):
+    """The kernel's qkv operand: each token's query heads, then its key and value heads."""
+    return jnp.concatenate([case["q"], case["k_new"], case["v_new"]], axis=2)
+
+
 def fused_rope_write(case, layer, suffix=""):
     fn = jax.jit(lambda c, layer: cpu_ffi.paged_decode_attention_rope(
-        c["q"], c["k_new"], c["v_new"], c["cos"], c["sin"], c["k_cache"], c["v_cache"], layer,
-        c["page_table"], c["q_pos"], c["kv_lens"], k_scale=c["k_scale"], v_scale=c["v_scale"],
+        packed(c), c["cos"], c["sin"], c["k_cache"], c["v_cache"], layer, c["page_table"],
+        c["q_pos"], c["kv_lens"], k_scale=c["k_scale"], v_scale=c["v_scale"],
         scale=c["q"].shape[-1] ** -0.5, target=cpu_ffi.ATTENTION_ROPE_TARGET + suffix))
     return fn(case, layer)
 
@@ -127,9 +132,8 @@ def test_rope_write_attention_rejects_bad_operands(suffixes):
     with pytest.raises(Exception, match="cos and sin must be"):
         bad = dict(case, cos=case["cos"][..., :4], sin=case["sin"][..., :4])
         fused_rope_write(bad, 0)[0].block_until_ready()
-    with pytest.raises(Exception, match="new keys and values must be"):
-        fused_rope_write(dict(case, k_new=case["k_new"][:, :, :, :8],
-                              v_new=case["v_new"][:, :, :, :8]), 0)[0].block_until_ready()
+    with pytest.raises(ValueError, match=r"qkv must be \[B, T, N \+ 2 KVH, H\]"):
+        fused_rope_write(dict(case, q=case["q"][:, :, :0]), 0)
     case["kv_lens"] = jnp.asarray([20, 20], jnp.int32)
     case["q_pos"] = jnp.asarray([[19], [19]], jnp.int32)
     case["page_table"] = case["page_table"].at[1, 2].set(1000)
@@ -137,9 +141,9 @@ def test_rope_write_attention_rejects_bad_operands(suffixes):
         fused_rope_write(case, 0)[0].block_until_ready()
     with pytest.raises(ValueError, match="int8 cache needs k_scale and v_scale"):
         cpu_ffi.paged_decode_attention_rope(
-            case["q"], case["k_new"], case["v_new"], case["cos"], case["sin"],
-            case["k_cache"].astype(jnp.int8), case["v_cache"].astype(jnp.int8), 0,
-            case["page_table"], case["q_pos"], case["kv_lens"], scale=0.25)
+            packed(case), case["cos"], case["sin"], case["k_cache"].astype(jnp.int8),
+            case["v_cache"].astype(jnp.int8), 0, case["page_table"], case["q_pos"],
+            case["kv_lens"], scale=0.25)
 
 
 def xla_fused_linear(x, w, transpose_w, prologue, pw, eps, col_scale, residual):
@@ -244,6 +248,7 @@ def test_decode_program_runs_the_fused_entries(make_tiny_engine, suffixes, quant
     assert hlo.count(f'custom_call_target="{cpu_ffi.ATTENTION_ROPE_TARGET}_f32"') == layers_n
     assert hlo.count(f'custom_call_target="{fused}"') == 4 * layers_n
     assert " scatter(" not in hlo and " concatenate(" not in hlo
+    assert hlo.count(" cosine(") == 1  # the rotary angles, once for every layer
     cache_shape = "f32[" + ",".join(map(str, eng.cache.k.shape)) + "]"
     assert not [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line]
     logits, _ = step(*args[:3], jax.tree.map(jnp.copy, eng.cache), args[4])

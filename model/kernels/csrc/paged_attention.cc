@@ -598,9 +598,10 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 // scatter of the new token into its page (plus, for an int8 cache, the per-token quantization).
 // On the CPU each is a separate small loop over a few hundred floats, together ~15% of a
 // weight-only int8 batch-1 step (docs/PERFORMANCE.md, session 18). This entry does the same work
-// in the kernel: q and the new k rotated with cos / sin the model computed (the same frequencies
-// and Llama-3 scaling as its XLA path), k and v stored at their slots in the cache buffers, which
-// XLA passes in and out aliased (updated in place), then attention as above.
+// in the kernel: q and the new k (one q | k | v operand, the fused projection's output as it
+// is) rotated with cos / sin the model computed (the same frequencies and Llama-3 scaling as its
+// XLA path), k and v stored at their slots in the cache buffers, which XLA passes in and out
+// aliased (updated in place), then attention as above.
 
 // rot[i] = x[i] cos[i] - x[i + H/2] sin[i], rot[i + H/2] = x[i + H/2] cos[i] + x[i] sin[i] (the
 // "rotate half" convention of model/layers.py apply_rope).
@@ -633,8 +634,7 @@ inline void store(const float* x, int64_t H, int8_t* cache, float* scales, int64
 }
 
 template <typename T, typename CacheBuf>
-ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                         ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                          ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                          ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
@@ -643,20 +643,21 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                          int64_t window) {
   const std::string name = "xlrt_paged_decode_attention_rope";
   Args a;
-  ffi::Error error = CheckShapes(name, q.dimensions(), k->dimensions(), v->dimensions(),
+  // out [B, T, N, H] has the queries' shape
+  ffi::Error error = CheckShapes(name, out->dimensions(), k->dimensions(), v->dimensions(),
                                  page_table.dimensions(), q_pos.dimensions(),
                                  kv_lens.dimensions(), out->dimensions(), &a.d);
   if (error.failure()) return error;
   const Shape& d = a.d;
-  const auto kn = k_new.dimensions(), vn = v_new.dimensions();
+  const int64_t heads = d.N + 2 * d.KVH;  // q, then k, then v heads of each token
+  const auto pd = qkv.dimensions();
+  if (pd.size() != 4 || pd[0] != d.B || pd[1] != d.T || pd[2] != heads || pd[3] != d.H) {
+    return ffi::Error::InvalidArgument(
+        name + ": qkv must be [B, T, N + 2 KVH, H]: each token's query heads, then its new " +
+        "key heads and value heads (N = " + std::to_string(d.N) + ", KVH = " +
+        std::to_string(d.KVH) + ")");
+  }
   const auto cd = cos.dimensions(), sd = sin.dimensions();
-  if (kn.size() != 4 || vn.size() != 4 || kn[0] != d.B || kn[1] != d.T || kn[2] != d.KVH ||
-      kn[3] != d.H) {
-    return ffi::Error::InvalidArgument(name + ": new keys and values must be [B, T, KVH, H]");
-  }
-  for (int i = 0; i < 4; ++i) {
-    if (vn[i] != kn[i]) return ffi::Error::InvalidArgument(name + ": k_new and v_new differ");
-  }
   if (d.H % 2 != 0 || cd.size() != 3 || sd.size() != 3 || cd[0] != d.B || cd[1] != d.T ||
       cd[2] != d.H / 2 || sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2]) {
     return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, T, H / 2], H even");
@@ -675,6 +676,7 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (error.failure()) return error;
   T* kc = k->typed_data();
   T* vc = v->typed_data();
+  const float* src = qkv.typed_data();
   const int64_t H = d.H, half = H / 2;
   // The new tokens' keys and values into their pages; tokens at positions >= kv_lens (padding)
   // are not stored (the XLA path sends them to the reserved page 0, which nothing reads).
@@ -687,13 +689,12 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       const int64_t page = a.page_table[b * d.W + pos / d.PS], slot = pos % d.PS;
       const float* c = cos.typed_data() + (b * d.T + t) * half;
       const float* s = sin.typed_data() + (b * d.T + t) * half;
+      const float* token = src + (b * d.T + t) * heads * H;
       for (int64_t kvh = 0; kvh < d.KVH; ++kvh) {
-        const int64_t head_page = (a.layer * d.KVH + kvh) * d.P + page;
-        const int64_t at = head_page * d.PS + slot;
-        const int64_t src = ((b * d.T + t) * d.KVH + kvh) * H;
-        rope(k_new.typed_data() + src, c, s, H, rot.data());
+        const int64_t at = ((a.layer * d.KVH + kvh) * d.P + page) * d.PS + slot;
+        rope(token + (d.N + kvh) * H, c, s, H, rot.data());
         store(rot.data(), H, kc, k_scale, at, at);
-        store(v_new.typed_data() + src, H, vc, v_scale, at, at);
+        store(token + (d.N + d.KVH + kvh) * H, H, vc, v_scale, at, at);
       }
     }
   }
@@ -703,7 +704,7 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const float* c = cos.typed_data() + bt * half;
     const float* s = sin.typed_data() + bt * half;
     for (int64_t n = 0; n < d.N; ++n)
-      rope(q.typed_data() + (bt * d.N + n) * H, c, s, H, qr.data() + (bt * d.N + n) * H);
+      rope(src + (bt * heads + n) * H, c, s, H, qr.data() + (bt * d.N + n) * H);
   }
   a.q = qr.data();
   a.k = kc;
@@ -713,20 +714,18 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return Run<T>(pool, a, out->typed_data());
 }
 
-ffi::Error RopeF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> cos,
+ffi::Error RopeF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                        ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                        ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k,
                        ffi::ResultBuffer<ffi::F32> v, float scale, float softcap,
                        int64_t window) {
-  return RopeWriteImpl<float>(pool, q, k_new, v_new, cos, sin, layer, page_table, q_pos, kv_lens,
-                              out, k, v, nullptr, nullptr, scale, softcap, window);
+  return RopeWriteImpl<float>(pool, qkv, cos, sin, layer, page_table, q_pos, kv_lens, out, k, v,
+                              nullptr, nullptr, scale, softcap, window);
 }
 
-ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                        ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                         ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
                         ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> layer,
@@ -742,9 +741,9 @@ ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument(
         "xlrt_paged_decode_attention_rope: int8 cache scales must be [L, KVH, P, 1, PS]");
   }
-  return RopeWriteImpl<int8_t>(pool, q, k_new, v_new, cos, sin, layer, page_table, q_pos,
-                               kv_lens, out, k, v, k_scale->typed_data(), v_scale->typed_data(),
-                               scale, softcap, window);
+  return RopeWriteImpl<int8_t>(pool, qkv, cos, sin, layer, page_table, q_pos, kv_lens, out, k,
+                               v, k_scale->typed_data(), v_scale->typed_data(), scale, softcap,
+                               window);
 }
 
 }  // namespace
@@ -786,9 +785,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeInt8, Int8Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeRopeF32, RopeF32Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, not rotated
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys, not rotated
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q | k | v, not rotated
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos [B, T, H / 2]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k cache (aliased)
@@ -807,9 +804,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeRopeF32, RopeF32Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeRopeInt8, RopeInt8Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q, not rotated
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new keys, not rotated
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // new values
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q | k | v, not rotated
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos [B, T, H / 2]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::S8>>()   // k cache (aliased)
