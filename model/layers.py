@@ -214,7 +214,9 @@ def fused_linear(x, w, w_scale, *, contract: int = 1, nk: bool, weight_only: boo
     w2 = w.reshape(-1, k) if nk else w.reshape(k, -1)
     out_dims = w.shape[:w.ndim - contract] if nk else w.shape[contract:]
     res2 = None if residual is None else residual.reshape(x2.shape[0], -1)
-    if ((w.dtype == jnp.int8) == weight_only
+    # Only with work to fuse: a plain matmul keeps matmul_2d's kernels (with their custom VJPs)
+    fused = norm is not None or silu or residual is not None or w_scale is not None
+    if (fused and (w.dtype == jnp.int8) == weight_only
             and cpu_ffi.use_fused_matmul(x2.shape[0], x2.dtype, w.dtype, nk)):
         y = cpu_ffi.fused_matmul(
             x2, w2, nk, prologue="rms_norm" if norm else "silu_mul" if silu else None,

@@ -180,7 +180,7 @@ class Engine(RequestFrontEnd):
         self.weight_arena = None
         if mesh is None and jax.default_backend() == "cpu":
             self.weight_arena = HugePageArena.create(sum(
-                int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize
+                HugePageArena.footprint(p.shape, p.dtype)
                 for p in jax.tree.leaves(abstract_params(self.model))))
         self.params = place_params(loaders, self.param_axes, mesh, self.rules, self.dtype,
                                    progress=bar.update if bar else None, arena=self.weight_arena)

@@ -17,14 +17,15 @@ The Engine applies it when it is created. XLRT_KEEP_FREED_MEMORY=0 leaves malloc
 C library other than glibc (musl, macOS, Windows) it does nothing.
 
 Weights in transparent huge pages: decode on a CPU streams every weight once per token, and with
-4 KiB pages the reads cross a page, and often miss the TLB, every 4 KiB. place_in_huge_pages()
-HugePageArena holds an engine's parameters in one anonymous mapping advised for 2 MiB pages
-(MADV_HUGEPAGE), and XLA gets zero-copy arrays over it: batch-1 decode steps took 0.97x
+4 KiB pages the reads cross a page, and often miss the TLB, every 4 KiB. HugePageArena
+holds an engine's parameters in one anonymous mapping advised for 2 MiB pages (MADV_HUGEPAGE),
+and XLA gets zero-copy arrays over it: batch-1 decode steps took 0.97x
 (float32) and 0.96x (weight-only int8) the time in alternating pairs, a float32 [N, K] matmul
 alone 0.87-0.91x (docs/PERFORMANCE.md, session 18); llama.cpp gets the same from the page cache
 of its memory-mapped model file. The Engine does it for single-device CPU engines;
 XLRT_HUGE_PAGES=0 turns it off; where the kernel does not allow it (no MADV_HUGEPAGE, THP set to
-"never") the pages stay 4 KiB and nothing else changes.
+"never") the pages stay 4 KiB and nothing else changes. The arena lives as long as any array
+over it (and Engine.weight_arena): after replacing engine.params, drop that reference too.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class HugePageArena:
         skip = -whole.ctypes.data % HUGE_PAGE
         self._bytes = whole[skip:skip + size]
         self.used = 0
+        self._warned = False
 
     @classmethod
     def create(cls, nbytes: int):
@@ -103,14 +105,26 @@ class HugePageArena:
     def size(self) -> int:
         return self._bytes.size
 
+    @staticmethod
+    def footprint(shape, dtype) -> int:
+        """Bytes an array of shape and dtype takes in an arena (whole pages)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return -(-nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
+
     def take(self, shape, dtype) -> np.ndarray | None:
-        """A zeroed view for an array of shape and dtype, or None if it does not fit."""
+        """A zeroed view for an array of shape and dtype, or None (logged once) if it does not
+        fit."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if self.used + nbytes > self.size:
+            if not self._warned:
+                self._warned = True
+                log.warning("huge-page arena of %d bytes is full (%d used): an array of %d "
+                            "bytes, and any later ones that do not fit, stay in 4 KiB pages",
+                            self.size, self.used, nbytes)
             return None
         view = self._bytes[self.used:self.used + nbytes].view(dtype).reshape(shape)
-        self.used += -(-nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
+        self.used += self.footprint(shape, dtype)
         return view
 
 

@@ -114,8 +114,9 @@ def _filtered_sample(logits_bv, st: SamplingTensors, positions_b):
 
 def argmax(logits_bv):
     """The index of the first maximum over the last axis (int32), as jnp.argmax, in two plain
-    reductions: the row's max, then the smallest index holding it (or a NaN: a row with NaNs
-    gives the first NaN or maximum, always a valid index). XLA:CPU runs jnp.argmax's (value,
+    reductions: the row's max, then the smallest index holding it or a NaN (a row with NaNs
+    gives the first NaN where the max propagates NaN, and always a valid index, where a
+    vectorized max may drop them). XLA:CPU runs jnp.argmax's (value,
     index) reduction one element at a time: 236 us for one row of SmolLM2's 49152 logits
     against 50 us, 3.4 ms against 0.65 ms for 32 rows (docs/PERFORMANCE.md, session 18)."""
     v = logits_bv.shape[-1]

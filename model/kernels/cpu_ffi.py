@@ -500,6 +500,9 @@ def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_tab
                          f"N > 0 query heads and the cache's KVH = {kv_heads}, got "
                          f"{list(qkv.shape)}")
     b, t, heads, h = qkv.shape
+    if int8 and (k_scale.dtype != jnp.float32 or v_scale.dtype != jnp.float32):
+        raise ValueError(f"paged_decode_attention_rope: the int8 cache's scales must be float32 "
+                         f"(they are updated in place), got {k_scale.dtype} and {v_scale.dtype}")
     caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
     first = 3  # operand index of k_cache
     call = jax.ffi.ffi_call(

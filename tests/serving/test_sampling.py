@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving.sampling import (SamplingError, SamplingParams, SamplingTensors, apply_penalties,
-                              sample, token_counts, top_logprobs)
+                              argmax, sample, token_counts, top_logprobs)
 
 V = 50
 
@@ -29,6 +29,24 @@ def test_greedy_is_argmax():
     logits = _logits(4)
     out = sample(logits, _tensors(4), jnp.zeros(4, jnp.int32))
     np.testing.assert_array_equal(out, np.argmax(np.asarray(logits), -1))
+
+
+def test_argmax_takes_the_first_maximum_and_a_valid_index_for_any_row():
+    """Ties go to the first index (as jnp.argmax), over the default model's vocabulary size too;
+    a row of -inf gives 0; a row with NaNs gives a NaN's or the maximum's index, never one past
+    the row."""
+    v = 49152
+    rows = np.random.default_rng(0).normal(0, 3, (6, v)).astype(np.float32)
+    rows[1, [7, 40000]] = 100.0  # a tie
+    rows[2] = -np.inf
+    rows[3, 123] = np.inf
+    rows[4, [11, 20]] = np.nan
+    rows[5] = np.nan
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(rows)))
+    np.testing.assert_array_equal(got[:4], np.argmax(rows[:4], -1))
+    assert got[1] == 7 and got[2] == 0 and got[3] == 123
+    assert got[4] in (11, int(np.nanargmax(rows[4]))) and got[5] == 0
+    assert got.dtype == np.int32
 
 
 def test_same_seed_same_tokens_whatever_the_batch():

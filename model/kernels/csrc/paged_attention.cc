@@ -101,26 +101,10 @@ void page_scores(const float* q, const T* k, int64_t R, int64_t H, int64_t n, in
     for (int64_t r = 0; r < R; ++r) s[r * PS + i] = dot(q + r * H, k + i * H, H);
 }
 
-// e[i] = exp(s[i] - m) for i < n; masked scores (-inf) give exactly 0. A polynomial the compiler
-// vectorizes (exp(x) = 2^k * exp(r), |r| <= ln2 / 2, degree-6 Taylor: relative error < 2e-7),
-// where a call to expf per score would not be.
+// e[i] = exp(s[i] - m) for i < n (s <= m); masked scores (-inf) give exactly 0. The polynomial
+// of parallel.h exp_nonpositive, which the compiler vectorizes.
 inline void exp_shifted(const float* s, float m, float* e, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = std::max(s[i] - m, -87.0f);  // s <= m; below -87 exp underflows anyway
-    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    e[i] = s[i] == kNegInf ? 0.0f : p * scale;
-  }
+  for (int64_t i = 0; i < n; ++i) e[i] = s[i] == kNegInf ? 0.0f : xlrt::exp_nonpositive(s[i] - m);
 }
 
 #if XLRT_ATTN_AVX512
@@ -615,8 +599,10 @@ inline void rope(const float* x, const float* cos, const float* sin, int64_t H, 
 }
 
 // Stores one token's vector x [H] of kv head `kvh` at (page, slot): as it is into a float cache,
-// or as model.kernels.quantize_int8 does into an int8 one (scale = max|x| / 127, values
-// round-half-even(x / scale) clipped to +-127; an all-zero x gets scale 0 and zeros).
+// or by model.kernels.quantize_int8's rule into an int8 one (scale = max|x| / 127, values
+// round-half-even(x / scale) clipped to +-127; an all-zero x gets scale 0 and zeros). Whether
+// XLA divides by the scale or multiplies by its reciprocal is its own choice, so a value at a
+// rounding tie may land one step apart from the XLA path's.
 inline void store(const float* x, int64_t H, float* cache, float*, int64_t at, int64_t) {
   std::memcpy(cache + at * H, x, H * sizeof(float));
 }
@@ -624,7 +610,7 @@ inline void store(const float* x, int64_t H, int8_t* cache, float* scales, int64
                   int64_t scale_at) {
   float amax = 0.0f;
   for (int64_t h = 0; h < H; ++h) amax = std::max(amax, std::fabs(x[h]));
-  const float scale = amax * (1.0f / 127.0f);  // as XLA computes max / 127: the same bits
+  const float scale = amax * (1.0f / 127.0f);  // as XLA computes max / 127 (it folds it)
   const float safe = scale > 0.0f ? scale : 1.0f;
   for (int64_t h = 0; h < H; ++h) {
     const float r = std::nearbyint(x[h] / safe);
