@@ -45,6 +45,41 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::functi
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// Runs work(n0, n1) over the ranges of [0, n) on the calling thread and up to `threads - 1`
+// pool tasks. Ranges shrink as the work runs out (guided self-scheduling): each claim takes
+// max(grain, remaining / (2 * threads)) rounded up to a multiple of grain, so every thread first
+// reads one long contiguous stretch (the hardware prefetcher stays on one stream) and the last
+// claims are one grain each (the threads finish together).
+inline void parallel_ranges(ffi::ThreadPool& pool, int64_t n, int64_t grain,
+                            const std::function<void(int64_t, int64_t)>& work) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1),
+                                            (n + grain - 1) / grain);
+  if (threads <= 1) {
+    if (n > 0) work(0, n);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  const std::function<void(int64_t, int64_t)>* fn = &work;
+  auto run = [shared, fn, n, grain, threads]() {
+    int64_t n0 = shared->next.load(std::memory_order_relaxed);
+    while (n0 < n) {
+            const int64_t want = std::max(grain, (n - n0) / (2 * threads));
+      const int64_t n1 = std::min(n, n0 + (want + grain - 1) / grain * grain);
+      if (!shared->next.compare_exchange_weak(n0, n1, std::memory_order_relaxed)) continue;
+      (*fn)(n0, n1);
+      shared->done.fetch_add(n1 - n0, std::memory_order_release);
+      n0 = shared->next.load(std::memory_order_relaxed);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
+  run();
+  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
 // The float32 matmuls' shapes, x [M, K] and w [K, N] (or [N, K] with nk) into y [M, N]: sets
 // M, K and N, or names the problem (`name`: the FFI target).
 template <typename Dims>
