@@ -14,7 +14,9 @@ absolute times (shared machines). With --llama-bin the batch-1 runs also alterna
 llama-bench's (--pairs of each per row): a shared machine's memory bandwidth, which sets both
 sides' batch-1 speed, drifts within minutes, so the ratios "*_alternating*" (the median of the
 pairs' ratios) compare the two at the same moments. xlrt's batch-1 figure is then the median of
-its --pairs runs; llama.cpp's "ms_per_token_b1" stays its own --repeats run.
+its --pairs runs; llama.cpp's "ms_per_token_b1" stays its own --repeats run. Before every
+llama-bench run its GGUF is dropped from the page cache and read back, so that the kernel holds
+it in large folios (llama.cpp's best case: it memory-maps the file).
 """
 
 from __future__ import annotations
@@ -152,9 +154,40 @@ def llama_bench_tools(args) -> tuple[dict, dict]:
     return tools, ggufs
 
 
+def file_huge_pages_kb() -> int | None:
+    """The page cache's file memory held in 2 MiB folios (/proc/meminfo FileHugePages), or None
+    where the kernel does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("FileHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def recache(path: str) -> None:
+    """Drop `path` from the page cache and read it back. llama.cpp memory-maps its model, and
+    how fast it then reads the weights depends on the pages the cache holds them in: F32 decode
+    on this project's dev machine ran 9.2-9.5 ms/token with the file freshly read (the kernel
+    caches it in 2 MiB folios) and 13.3-13.8 after the cache had split them (docs/PERFORMANCE.md,
+    session 19). Re-reading before every llama-bench run gives it its best case each time."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 1 << 24):
+            pass
+    finally:
+        os.close(fd)
+
+
 def run_llama_bench(tools: dict, gguf: str, args, prompt: int, repeats: int) -> list[dict]:
     """One llama-bench invocation: tg (--new-tokens after an empty context), and pp `prompt`
-    (a prompt in one batch) unless 0; its JSON rows."""
+    (a prompt in one batch) unless 0; its JSON rows. The GGUF is read into the page cache
+    afresh first (recache)."""
+    recache(gguf)
     proc = subprocess.run([tools["llama-bench"], "-m", gguf, "-p", str(prompt), "-n",
                            str(args.new_tokens), "-t", str(os.cpu_count()), "-r", str(repeats),
                            "-o", "json"], capture_output=True, text=True)
@@ -201,7 +234,8 @@ def main(args) -> int:
     kind, args.gguf = resolve(args.model)
     result = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "decode_steps": args.decode_steps, "cpu_count": os.cpu_count(),
-              "pairs": args.pairs if args.llama_bin else 0}
+              "pairs": args.pairs if args.llama_bin else 0,
+              "file_huge_pages_kb_at_start": file_huge_pages_kb()}
     llama = None  # llama.cpp first: it is quick, and a failure there should not waste the rest
     if args.llama_bin:
         llama = bench_llama_bench(args)
@@ -248,6 +282,7 @@ def main(args) -> int:
             if "b1_ratio_median_of_pairs" in x.get(row, {}):
                 ratios[key] = x[row]["b1_ratio_median_of_pairs"]
         result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    result["file_huge_pages_kb_at_end"] = file_huge_pages_kb()
     print(json.dumps(result, indent=1))
     return 0
 

@@ -117,3 +117,41 @@ def test_bad_pair_and_repeat_counts_are_named():
         _script().main(types.SimpleNamespace(pairs=-1, repeats=3))
     with pytest.raises(cli.CLIError, match="got 5 and 0"):
         _script().main(types.SimpleNamespace(pairs=5, repeats=0))
+
+
+def test_every_llama_bench_run_reads_its_gguf_afresh(tmp_path, monkeypatch):
+    """llama.cpp memory-maps its model, and its F32 decode speed depends on whether the page
+    cache holds the file in large folios: before each llama-bench run the GGUF is dropped from
+    the cache (POSIX_FADV_DONTNEED) and read back whole; the page-cache state is reported."""
+    module = _script()
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    _tool(bin_dir / "llama-quantize", 'cp "$2" "$3"\n')
+    rows = [{"n_prompt": 0, "n_gen": 16, "avg_ns": 160_000_000}]
+    _tool(bin_dir / "llama-bench", f"cat <<'JSON'\n{json.dumps(rows)}\nJSON\n")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 80_000)  # read in two 16 MiB chunks
+    args = types.SimpleNamespace(llama_bin=str(bin_dir), gguf=str(gguf), work_dir=str(work),
+                                 new_tokens=16, repeats=1)
+    advised, read = [], []
+    real_read = os.read
+
+    def fake_fadvise(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+
+    def counting_read(fd, n):
+        data = real_read(fd, n)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".gguf"):
+            read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "posix_fadvise", fake_fadvise, raising=False)
+    monkeypatch.setattr(module.os, "read", counting_read)
+    once = module.llama_bench_b1(args, "F32")
+    assert once() == 10.0 and once() == 10.0
+    f32 = str(work / "model.gguf.F32.gguf")
+    assert advised == [(f32, 0, 0, os.POSIX_FADV_DONTNEED)] * 2
+    size = os.path.getsize(f32)
+    assert sum(read) == 2 * size and read.count(0) == 2  # each run read the whole file
+    kb = module.file_huge_pages_kb()
+    assert kb is None or (isinstance(kb, int) and kb >= 0)

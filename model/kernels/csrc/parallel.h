@@ -20,6 +20,15 @@ namespace ffi = xla::ffi;
 
 namespace xlrt {
 
+// run() on the calling thread and threads - 1 others, then waits while outstanding().
+template <typename Run, typename Outstanding>
+void fork_join(ffi::ThreadPool& pool, int64_t threads, const Run& run,
+               const Outstanding& outstanding) {
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
+  run();
+  while (outstanding()) std::this_thread::yield();
+}
+
 // Runs work(0 .. items-1) on the calling thread and up to `threads - 1` pool tasks.
 inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::function<void(int64_t)>& work) {
   struct Shared {
@@ -39,10 +48,9 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::functi
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
-  run();
   // Only tiles that were taken are outstanding: each is running on some thread right now.
-  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  fork_join(pool, threads, run,
+            [&] { return shared->done.load(std::memory_order_acquire) < items; });
 }
 
 // Runs work(n0, n1) over the ranges of [0, n) on the calling thread and up to `threads - 1`
@@ -75,9 +83,7 @@ inline void parallel_ranges(ffi::ThreadPool& pool, int64_t n, int64_t grain,
       n0 = shared->next.load(std::memory_order_relaxed);
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
-  run();
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  fork_join(pool, threads, run, [&] { return shared->done.load(std::memory_order_acquire) < n; });
 }
 
 // The float32 matmuls' shapes, x [M, K] and w [K, N] (or [N, K] with nk) into y [M, N]: sets
