@@ -458,6 +458,8 @@ class MLP(nn.Module):
         x = x_btd.astype(self.dtype)
         wo = self.weight_quant == "int8"  # weight-only: float rows times int8 weights
         nk = self.nk_weights
+        down = functools.partial(weight, self, "down", nn.initializers.normal(f ** -0.5), (f, d),
+                                 (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
         if self.fuse_projections:  # declared before "down", as gate and up are
             w_gu, s_gu = weight(self, "gate_up", nn.initializers.normal(d ** -0.5), (d, 2 * f),
                                 (EMBED, FUSED), (1,), self.dtype, raw_int8=True, nk=nk)
@@ -465,8 +467,7 @@ class MLP(nn.Module):
                 # BTD,DF->BTF, F = 2 ffn_dim, its scale applied with silu(gate) * up, in the
                 # down projection's call
                 gate_up = fused_linear(x, w_gu, None, nk=nk, weight_only=wo, norm=norm)
-                w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
-                                        (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
+                w_down, s_down = down()
                 return fused_linear(gate_up, w_down, s_down, nk=nk, weight_only=wo, silu=True,
                                     silu_scale=s_gu, residual=residual)  # BTF,FD->BTD
             gate_up = scaled(linear(x, w_gu, weight_only=wo, nk=nk), s_gu)  # BTD,DF->BTF, F = 2 ffn_dim
@@ -480,8 +481,7 @@ class MLP(nn.Module):
                                 (EMBED, MLP_DIM), (1,), self.dtype, raw_int8=True, nk=nk)
             gate_btf = scaled(linear(x, w_gate, weight_only=wo, nk=nk), s_gate)  # BTD,DF->BTF
             up_btf = scaled(linear(x, w_up, weight_only=wo, nk=nk), s_up)  # BTD,DF->BTF
-        w_down, s_down = weight(self, "down", nn.initializers.normal(f ** -0.5), (f, d),
-                                (MLP_DIM, EMBED), (1,), self.dtype, raw_int8=True, nk=nk)
+        w_down, s_down = down()
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, (BATCH, LENGTH, MLP_DIM))
         # BTF,FD->BTD
         return fused_linear(hidden_btf, w_down, s_down, nk=nk, weight_only=wo, residual=residual)
@@ -507,36 +507,29 @@ class Block(nn.Module):
                  rope=None):
         x_btd, cache = carry
         cfg = self.config
-        if (cache is not None and not cfg.is_moe and fused_linear_applies(
-                x_btd.shape[0] * x_btd.shape[1], self.dtype, self.weight_quant,
-                self.nk_weights)):
-            # Decode on CPU: each norm inside the matmul after it, each residual add inside the
-            # matmul before it (fused_linear; the same math, fewer XLA ops per layer).
-            attn_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")
-            attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
-                             self.weight_quant, self.fuse_projections, self.nk_weights,
-                             name="attn")
-            x_btd, cache = attn(x_btd, positions_bt, segment_ids_bt, cache, layer, page_table,
-                                kv_lens, norm=(attn_norm(x_btd, return_scale=True), cfg.norm_eps),
-                                residual=x_btd, rope=rope)
-            mlp_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")
-            mlp = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
-                      self.fuse_projections, self.nk_weights, name="mlp")
-            x_btd = mlp(x_btd, norm=(mlp_norm(x_btd, return_scale=True), cfg.norm_eps),
-                        residual=x_btd)
-            return (x_btd, cache), None
-        h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x_btd)
+        attn_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="attn_norm")
         attn = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.weight_quant,
                          self.fuse_projections, self.nk_weights, name="attn")
-        attn_out, cache = attn(h, positions_bt, segment_ids_bt, cache, layer, page_table, kv_lens,
-                               rope=rope)
-        x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
-        h = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x_btd)
+        mlp_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="mlp_norm")
         if cfg.is_moe:
             from model.moe import MoE  # model.moe builds on this module's layers
             ffn = MoE(cfg, self.dtype, self.param_dtype, self.weight_quant, name="moe")
         else:
             ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
                       self.fuse_projections, self.nk_weights, name="mlp")
-        x_btd = constrain(x_btd + ffn(h), (BATCH, LENGTH, EMBED))
+        if (cache is not None and not cfg.is_moe and fused_linear_applies(
+                x_btd.shape[0] * x_btd.shape[1], self.dtype, self.weight_quant,
+                self.nk_weights)):
+            # Decode on CPU: each norm inside the matmul after it, each residual add inside the
+            # matmul before it (fused_linear; the same math, fewer XLA ops per layer).
+            x_btd, cache = attn(x_btd, positions_bt, segment_ids_bt, cache, layer, page_table,
+                                kv_lens, norm=(attn_norm(x_btd, return_scale=True), cfg.norm_eps),
+                                residual=x_btd, rope=rope)
+            x_btd = ffn(x_btd, norm=(mlp_norm(x_btd, return_scale=True), cfg.norm_eps),
+                        residual=x_btd)
+            return (x_btd, cache), None
+        attn_out, cache = attn(attn_norm(x_btd), positions_bt, segment_ids_bt, cache, layer,
+                               page_table, kv_lens, rope=rope)
+        x_btd = constrain(x_btd + attn_out, (BATCH, LENGTH, EMBED))
+        x_btd = constrain(x_btd + ffn(mlp_norm(x_btd)), (BATCH, LENGTH, EMBED))
         return (x_btd, cache), None

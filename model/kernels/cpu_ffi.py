@@ -485,10 +485,7 @@ def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_tab
     tokens too. Returns (out [B, T, N, H], k_cache, v_cache, k_scale, v_scale): the caches
     updated in place (their operands are aliased to these results; donate them, as the decode
     step does)."""
-    int8 = jnp.dtype(k_cache.dtype) == jnp.int8
-    if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
-        raise ValueError("paged_decode_attention_rope: an int8 cache needs k_scale and v_scale, "
-                         "a float32 cache neither")
+    int8 = _int8_cache("paged_decode_attention_rope", k_cache, k_scale, v_scale)
     if (qkv.dtype != jnp.float32 or k_cache.dtype != v_cache.dtype
             or k_cache.dtype not in (jnp.float32, jnp.int8)):
         raise ValueError(f"paged_decode_attention_rope takes float32 qkv and k, v caches of one "
@@ -512,10 +509,8 @@ def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_tab
         vmap_method="sequential",
         input_output_aliases={first + i: 1 + i for i in range(len(caches))})
     out, *caches = call(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), *caches,
-                        jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32),
-                        q_pos.astype(jnp.int32), kv_lens.astype(jnp.int32),
-                        scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
-                        window=np.int64(sliding_window or 0))
+                        *_paging_operands(layer, page_table, q_pos, kv_lens),
+                        **_attention_attrs(scale, sliding_window, logit_softcap))
     k_cache, v_cache = caches[:2]
     k_scale, v_scale = caches[2:] if int8 else (None, None)
     return out, k_cache, v_cache, k_scale, v_scale
@@ -579,10 +574,7 @@ def paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_len
     (layout and masking as model.kernels.paged_attention) -> float32 [B, T, N, H], through the
     registered FFI `target` + "_f32" (float32 cache) or "_int8" (int8 cache with k_scale,
     v_scale [layers, kv_heads, num_pages, 1, page_size])."""
-    int8 = jnp.dtype(k_cache.dtype) == jnp.int8
-    if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
-        raise ValueError("paged_decode_attention: an int8 cache needs k_scale and v_scale, a "
-                         "float32 cache neither")
+    int8 = _int8_cache("paged_decode_attention", k_cache, k_scale, v_scale)
     if q.dtype != jnp.float32 or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"paged_decode_attention takes float32 q and k, v caches of one dtype, "
                          f"got {q.dtype}, {k_cache.dtype} and {v_cache.dtype}")
@@ -590,7 +582,27 @@ def paged_decode_attention(q, k_cache, v_cache, layer, page_table, q_pos, kv_len
     call = jax.ffi.ffi_call(target + ("_int8" if int8 else "_f32"),
                             jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
-    return call(q, k_cache, v_cache, *scales, jnp.asarray(layer, jnp.int32),
-                page_table.astype(jnp.int32), q_pos.astype(jnp.int32), kv_lens.astype(jnp.int32),
-                scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
+    return call(q, k_cache, v_cache, *scales,
+                *_paging_operands(layer, page_table, q_pos, kv_lens),
+                **_attention_attrs(scale, sliding_window, logit_softcap))
+
+
+def _int8_cache(name: str, k_cache, k_scale, v_scale) -> bool:
+    """Whether the cache is int8; it then needs k_scale and v_scale, a float32 one neither."""
+    int8 = jnp.dtype(k_cache.dtype) == jnp.int8
+    if int8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{name}: an int8 cache needs k_scale and v_scale, a float32 cache "
+                         "neither")
+    return int8
+
+
+def _paging_operands(layer, page_table, q_pos, kv_lens):
+    """The attention entries' operands after the caches, as int32."""
+    return (jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32), q_pos.astype(jnp.int32),
+            kv_lens.astype(jnp.int32))
+
+
+def _attention_attrs(scale, sliding_window, logit_softcap) -> dict:
+    """The attention entries' attributes (0: no softcap, no window)."""
+    return dict(scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0),
                 window=np.int64(sliding_window or 0))

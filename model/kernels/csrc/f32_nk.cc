@@ -39,7 +39,6 @@
 
 namespace {
 
-
 constexpr int64_t kItemRows = 48;  // weight rows (outputs) per work item
 constexpr int64_t kL1Bytes = 28 * 1024;  // a group and a row block fit this in L1 (32 or 48 KB)
 
@@ -299,20 +298,11 @@ ffi::Error F32MatmulNkFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> weight,
                                 ffi::Buffer<ffi::F32> col_scale, ffi::Buffer<ffi::F32> residual,
                                 ffi::ResultBuffer<ffi::F32> y, int64_t prologue, float eps) {
-  const std::string name = "xlrt_f32_matmul_nk_fused";
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = wd[1], N = wd[0];
-  const int64_t Kx = prologue == xlrt::kSiluMul ? 2 * K : K;
-  if (xd[1] != Kx || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument(name + ": expected x [M, K] ([M, 2K] for silu(gate) * "
-                                       "up), w [N, K] and y [M, N]");
-  }
+  int64_t M, K, N;
   xlrt::Fusion f;
-  ffi::Error error = xlrt::read_fusion(name, prologue, eps, weight, col_scale, residual, M, K, N,
-                                       &f);
+  ffi::Error error = xlrt::read_fusion(
+      "xlrt_f32_matmul_nk_fused", x.dimensions(), w.dimensions(), y->dimensions(), true,
+      "w [N, K] and", prologue, eps, weight, col_scale, residual, &M, &K, &N, &f);
   if (error.failure()) return error;
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();

@@ -1139,19 +1139,12 @@ ffi::Error F32Int8MatmulFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> col_scale,
                                   ffi::Buffer<ffi::F32> residual, ffi::ResultBuffer<ffi::F32> y,
                                   int64_t prologue, float eps, int64_t transpose_w) {
-  const std::string name = "xlrt_f32_int8_matmul_fused";
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
-  }
-  const int64_t M = xd[0], K = transpose_w ? wd[1] : wd[0], N = transpose_w ? wd[0] : wd[1];
-  if (xd[1] != (prologue == xlrt::kSiluMul ? 2 * K : K) || yd[0] != M || yd[1] != N) {
-    return ffi::Error::InvalidArgument(name + ": expected x [M, K] ([M, 2K] for silu(gate) * "
-                                       "up), w [K, N] (or [N, K] with transpose_w), y [M, N]");
-  }
+  int64_t M, K, N;
   xlrt::Fusion f;
-  ffi::Error error = xlrt::read_fusion(name, prologue, eps, weight, col_scale, residual, M, K, N,
-                                       &f);
+  ffi::Error error = xlrt::read_fusion(
+      "xlrt_f32_int8_matmul_fused", x.dimensions(), w.dimensions(), y->dimensions(),
+      transpose_w != 0, "w [K, N] (or [N, K] with transpose_w),", prologue, eps, weight,
+      col_scale, residual, &M, &K, &N, &f);
   if (error.failure()) return error;
   if (M == 0 || N == 0) return ffi::Error::Success();
   std::vector<float> scratch;

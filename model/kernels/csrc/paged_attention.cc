@@ -517,6 +517,35 @@ ffi::Error Validate(const Args& a) {
   return ffi::Error::Success();
 }
 
+// The layer, the paging operands and the attributes into *a (the layer must be a scalar).
+ffi::Error ReadPaging(const std::string& name, ffi::Buffer<ffi::S32> layer,
+                      ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                      ffi::Buffer<ffi::S32> kv_lens, float scale, float softcap, int64_t window,
+                      Args* a) {
+  if (layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(name + ": layer must be a scalar");
+  }
+  a->layer = layer.typed_data()[0];
+  a->page_table = page_table.typed_data();
+  a->q_pos = q_pos.typed_data();
+  a->kv_lens = kv_lens.typed_data();
+  a->scale = scale;
+  a->softcap = softcap;
+  a->window = window;
+  return ffi::Error::Success();
+}
+
+// An int8 cache's scales: k_scale [L, KVH, P, 1, PS] for k [L, KVH, P, PS, H], v_scale as many.
+template <typename Dims>
+ffi::Error CheckScales(const std::string& name, Dims kd, Dims sd, int64_t k_scales,
+                       int64_t v_scales) {
+  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
+      sd[3] != 1 || sd[4] != kd[3] || v_scales != k_scales) {
+    return ffi::Error::InvalidArgument(name + ": int8 cache scales must be [L, KVH, P, 1, PS]");
+  }
+  return ffi::Error::Success();
+}
+
 template <typename T, typename KBuf>
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KBuf k, KBuf v,
                 const float* k_scale, const float* v_scale, ffi::Buffer<ffi::S32> layer,
@@ -529,21 +558,14 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KBuf k, KBuf v,
                                  q_pos.dimensions(), kv_lens.dimensions(), out->dimensions(),
                                  &a.d);
   if (error.failure()) return error;
-  if (layer.element_count() != 1) {
-    return ffi::Error::InvalidArgument("xlrt_paged_decode_attention: layer must be a scalar");
-  }
+  error = ReadPaging("xlrt_paged_decode_attention", layer, page_table, q_pos, kv_lens, scale,
+                     softcap, window, &a);
+  if (error.failure()) return error;
   a.q = q.typed_data();
   a.k = k.typed_data();
   a.v = v.typed_data();
   a.k_scale = k_scale;
   a.v_scale = v_scale;
-  a.layer = layer.typed_data()[0];
-  a.page_table = page_table.typed_data();
-  a.q_pos = q_pos.typed_data();
-  a.kv_lens = kv_lens.typed_data();
-  a.scale = scale;
-  a.softcap = softcap;
-  a.window = window;
   error = Validate(a);
   if (error.failure()) return error;
   return Run<T>(pool, a, out->typed_data());
@@ -564,13 +586,10 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
                     ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
                     float softcap, int64_t window) {
-  const auto kd = k.dimensions();
-  const auto sd = k_scale.dimensions();
-  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
-      sd[3] != 1 || sd[4] != kd[3] || v_scale.element_count() != k_scale.element_count()) {
-    return ffi::Error::InvalidArgument(
-        "xlrt_paged_decode_attention: int8 cache scales must be [L, KVH, P, 1, PS]");
-  }
+  ffi::Error error = CheckScales("xlrt_paged_decode_attention", k.dimensions(),
+                                 k_scale.dimensions(), k_scale.element_count(),
+                                 v_scale.element_count());
+  if (error.failure()) return error;
   return Impl<int8_t>(pool, q, k, v, k_scale.typed_data(), v_scale.typed_data(), layer,
                       page_table, q_pos, kv_lens, out, scale, softcap, window);
 }
@@ -648,16 +667,8 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       cd[2] != d.H / 2 || sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2]) {
     return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, T, H / 2], H even");
   }
-  if (layer.element_count() != 1) {
-    return ffi::Error::InvalidArgument(name + ": layer must be a scalar");
-  }
-  a.layer = layer.typed_data()[0];
-  a.page_table = page_table.typed_data();
-  a.q_pos = q_pos.typed_data();
-  a.kv_lens = kv_lens.typed_data();
-  a.scale = scale;
-  a.softcap = softcap;
-  a.window = window;
+  error = ReadPaging(name, layer, page_table, q_pos, kv_lens, scale, softcap, window, &a);
+  if (error.failure()) return error;
   error = Validate(a);  // also every page the new tokens go to: they lie below kv_lens
   if (error.failure()) return error;
   T* kc = k->typed_data();
@@ -720,13 +731,10 @@ ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                         ffi::ResultBuffer<ffi::S8> k, ffi::ResultBuffer<ffi::S8> v,
                         ffi::ResultBuffer<ffi::F32> k_scale, ffi::ResultBuffer<ffi::F32> v_scale,
                         float scale, float softcap, int64_t window) {
-  const auto kd = k->dimensions();
-  const auto sd = k_scale->dimensions();
-  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
-      sd[3] != 1 || sd[4] != kd[3] || v_scale->element_count() != k_scale->element_count()) {
-    return ffi::Error::InvalidArgument(
-        "xlrt_paged_decode_attention_rope: int8 cache scales must be [L, KVH, P, 1, PS]");
-  }
+  ffi::Error error = CheckScales("xlrt_paged_decode_attention_rope", k->dimensions(),
+                                 k_scale->dimensions(), k_scale->element_count(),
+                                 v_scale->element_count());
+  if (error.failure()) return error;
   return RopeWriteImpl<int8_t>(pool, qkv, cos, sin, layer, page_table, q_pos, kv_lens, out, k,
                                v, k_scale->typed_data(), v_scale->typed_data(), scale, softcap,
                                window);

@@ -75,7 +75,7 @@ inline void parallel_ranges(ffi::ThreadPool& pool, int64_t n, int64_t grain,
   auto run = [shared, fn, n, grain, threads]() {
     int64_t n0 = shared->next.load(std::memory_order_relaxed);
     while (n0 < n) {
-            const int64_t want = std::max(grain, (n - n0) / (2 * threads));
+      const int64_t want = std::max(grain, (n - n0) / (2 * threads));
       const int64_t n1 = std::min(n, n0 + (want + grain - 1) / grain * grain);
       if (!shared->next.compare_exchange_weak(n0, n1, std::memory_order_relaxed)) continue;
       (*fn)(n0, n1);
@@ -220,26 +220,38 @@ inline void run_epilogue(const Fusion& f, float* y, int64_t M, int64_t N, int64_
   }
 }
 
-// The fused entries' operands after x and w: (weight, col_scale, residual), each empty when not
-// used, and the attributes prologue and eps. Checks their sizes for x [M, Kx], y [M, N] and the
-// matmul's K; sets *f.
-template <typename Buf>
-ffi::Error read_fusion(const std::string& name, int64_t prologue, float eps, const Buf& weight,
-                       const Buf& col_scale, const Buf& residual, int64_t M, int64_t K,
-                       int64_t N, Fusion* f) {
+// The fused entries' shapes and operands after x and w: x [M, Kx] (Kx = K, or 2K for
+// kSiluMul), w [N, K] (nk) or [K, N], y [M, N] (`w_shapes` names w's in the error); then
+// (weight, col_scale, residual), each empty when not used, and the attributes prologue and eps.
+// Sets M, K, N and *f, or names the problem.
+template <typename Dims, typename Buf>
+ffi::Error read_fusion(const std::string& name, Dims xd, Dims wd, Dims yd, bool nk,
+                       const std::string& w_shapes, int64_t prologue, float eps,
+                       const Buf& weight, const Buf& col_scale, const Buf& residual,
+                       int64_t* M, int64_t* K, int64_t* N, Fusion* f) {
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(name + ": x, w and y must be 2-D");
+  }
+  *M = xd[0];
+  *K = nk ? wd[1] : wd[0];
+  *N = nk ? wd[0] : wd[1];
+  if (xd[1] != (prologue == kSiluMul ? 2 * *K : *K) || yd[0] != *M || yd[1] != *N) {
+    return ffi::Error::InvalidArgument(name + ": expected x [M, K] ([M, 2K] for silu(gate) * "
+                                       "up), " + w_shapes + " y [M, N]");
+  }
   f->prologue = prologue;
   f->eps = eps;
   const int64_t nw = weight.element_count();
-  if (prologue == kRmsNorm ? nw != K
-      : prologue == kSiluMul ? nw != 0 && nw != 2 * K
+  if (prologue == kRmsNorm ? nw != *K
+      : prologue == kSiluMul ? nw != 0 && nw != 2 * *K
       : prologue == kNoPrologue ? nw != 0 : true) {
     return ffi::Error::InvalidArgument(
         name + ": prologue " + std::to_string(prologue) + " (0 none, 1 RMSNorm with a weight " +
         "[K], 2 silu(gate) * up with an optional scale [2K]) got a weight of " +
-        std::to_string(nw) + " values for K = " + std::to_string(K));
+        std::to_string(nw) + " values for K = " + std::to_string(*K));
   }
-  if ((col_scale.element_count() != 0 && col_scale.element_count() != N) ||
-      (residual.element_count() != 0 && residual.element_count() != M * N)) {
+  if ((col_scale.element_count() != 0 && col_scale.element_count() != *N) ||
+      (residual.element_count() != 0 && residual.element_count() != *M * *N)) {
     return ffi::Error::InvalidArgument(name + ": col_scale must be [N] and residual [M, N], "
                                        "or empty");
   }
