@@ -502,6 +502,22 @@ class Block(nn.Module):
     fuse_projections: bool = False
     nk_weights: bool = False
 
+    def layer_kernel_applies(self, x_btd, k_cache) -> bool:
+        """Whether this decode step runs the layer as one cpu_ffi.decode_layer call: float32
+        weights and rows, fused projections stored [N, K], a dense MLP, no q/k/v bias or norm,
+        and attention where the CPU kernel runs it (paged_attention_rope_applies)."""
+        cfg = self.config
+        if (cfg.is_moe or cfg.qkv_bias or cfg.qk_norm or not self.fuse_projections
+                or not self.nk_weights or self.weight_quant != "none"
+                or jnp.dtype(self.dtype) != jnp.float32
+                or jnp.dtype(self.param_dtype) != jnp.float32
+                or jnp.dtype(x_btd.dtype) != jnp.float32):
+            return False
+        b, t = x_btd.shape[:2]
+        q = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.float32)
+        return (kernels.paged_attention_rope_applies(q, q, k_cache, impl=self.attention_impl)
+                and cpu_ffi.use_decode_layer(b * t))
+
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens,
                  rope=None):
@@ -517,6 +533,22 @@ class Block(nn.Module):
         else:
             ffn = MLP(cfg, self.dtype, self.param_dtype, self.weight_quant,
                       self.fuse_projections, self.nk_weights, name="mlp")
+        if cache is not None and self.layer_kernel_applies(x_btd, cache[0]):
+            # Decode on CPU: the whole layer in one kernel call, its steps run by one team of
+            # threads (cpu_ffi.decode_layer; the bits of the fused calls below).
+            b, t, d = x_btd.shape
+            p_attn = nn.meta.unbox(attn.variables["params"])
+            p_mlp = nn.meta.unbox(ffn.variables["params"])
+            cos, sin = rope if rope is not None else rope_cos_sin(positions_bt,
+                                                                  rope_frequencies(cfg))
+            out, k, v, k_scale, v_scale = cpu_ffi.decode_layer(
+                x_btd.reshape(b * t, d), attn_norm(x_btd, return_scale=True), p_attn["qkv"],
+                p_attn["o"].reshape(d, -1), mlp_norm(x_btd, return_scale=True),
+                p_mlp["gate_up"], p_mlp["down"], cos, sin, cache[0], cache[1], layer,
+                page_table, positions_bt, kv_lens, eps=cfg.norm_eps,
+                scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+                k_scale=cache[2], v_scale=cache[3])
+            return (out.reshape(b, t, d), (k, v, k_scale, v_scale)), None
         if (cache is not None and not cfg.is_moe and fused_linear_applies(
                 x_btd.shape[0] * x_btd.shape[1], self.dtype, self.weight_quant,
                 self.nk_weights)):

@@ -33,7 +33,8 @@ def main(args) -> int:
                            f"{engine.max_seq_len}")
     try:
         profile = profile_decode_step(engine, batch=args.batch, context=args.context,
-                                      steps=args.steps, trace_dir=args.out)
+                                      steps=args.steps, trace_dir=args.out,
+                                      layer_kernel=args.layer_kernel)
     except ValueError as e:
         raise cli.CLIError(str(e)) from None
     if args.json:
@@ -50,6 +51,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=10, help="decode steps profiled (mean reported)")
     p.add_argument("--out", default="profiles/decode", help="trace directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--layer-kernel", action="store_true",
+                   help="profile float32 [N, K] layers as the one kernel call each that serving "
+                        "runs (one op per layer); by default their five calls, split into "
+                        "attention and MLP")
     cli.add_model_flags(p)
     cli.add_engine_flags(p)
     cli.run(main, p.parse_args())

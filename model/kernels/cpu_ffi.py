@@ -27,6 +27,11 @@ And decode attention over the paged KV cache (csrc/paged_attention.cc):
 - `paged_decode_attention(q, k_cache, v_cache, ...)`: float32 queries against a float32 or int8
   cache, read page by page through the page table with an online softmax, instead of XLA's
   gather into a dense copy that its matmuls then read again.
+
+And a whole float32 decoder layer in one call (csrc/decode_layer.cc):
+- `decode_layer(x, ...)`: the five calls of a float32 `[N, K]` layer (the fused matmuls and
+  attention with RoPE and the cache write) as the steps of one team of threads, which fork
+  once and meet at a barrier between steps; the bits of the five calls.
 docs/PERFORMANCE.md has the numbers.
 
 The sources are compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
@@ -37,7 +42,7 @@ XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
 (`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_matmul_nk`, `use_f32_gemv`,
-`use_f32_gemm`, `use_paged_attention`): only on the CPU backend, without a mesh (a custom call
+`use_f32_gemm`, `use_paged_attention`, `use_decode_layer`): only on the CPU backend, without a mesh (a custom call
 is not partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it,
 so exported programs carry no custom call), and for the row counts where they were measured
 faster than XLA: decode batches (INT8_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS, F32_NK_MAX_ROWS...), and with
@@ -68,8 +73,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "int8_matmul.cc", CSRC / "paged_attention.cc", CSRC / "f32_gemv.cc",
-           CSRC / "f32_nk.cc", CSRC / "f32_gemm.cc")
-HEADERS = (CSRC / "parallel.h", CSRC / "gemm_avx2.h")
+           CSRC / "f32_nk.cc", CSRC / "f32_gemm.cc", CSRC / "decode_layer.cc")
+HEADERS = (CSRC / "parallel.h", CSRC / "gemm_avx2.h", CSRC / "layer_parts.h")
 TARGET = "xlrt_int8_matmul"  # int8 x int8 -> int32 (w8a8)
 W8A8_TARGET = "xlrt_w8a8_matmul"  # float32 rows quantized in the kernel x int8 -> float32 (w8a8)
 WEIGHT_ONLY_TARGET = "xlrt_f32_int8_matmul"  # float32 x int8 -> float32 (weight-only int8)
@@ -82,6 +87,9 @@ WEIGHT_ONLY_FUSED_TARGET = "xlrt_f32_int8_matmul_fused"
 ATTENTION_TARGET = "xlrt_paged_decode_attention"  # + "_f32" or "_int8" (the cache's dtype)
 # The same with RoPE and the write of the new keys and values folded in (+ "_f32" or "_int8").
 ATTENTION_ROPE_TARGET = "xlrt_paged_decode_attention_rope"
+# A whole float32 decoder layer of a decode step, its steps run by one team of threads
+# (csrc/decode_layer.cc; + "_f32" or "_int8", the cache's dtype).
+DECODE_LAYER_TARGET = "xlrt_decode_layer"
 # Float32 matmuls with at most F32_GEMV_MAX_ROWS rows run the split-K GEMV: one row into at
 # most F32_GEMV_MAX_N outputs (SmolLM2's attention output, MLP down and fused q|k|v: N = 576,
 # 960), 2-4 rows into at most F32_GEMV_WIDE_MAX_N (gate|up too, N = 3072). Same-run A/B of the
@@ -226,9 +234,9 @@ def load() -> bool:
 def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build the library with `defines` and register its kernels as the FFI targets TARGET,
     W8A8_TARGET, WEIGHT_ONLY_TARGET, F32_GEMV_TARGET, F32_GEMM_TARGET, F32_MATMUL_NK_TARGET,
-    F32_MATMUL_NK_FUSED_TARGET, WEIGHT_ONLY_FUSED_TARGET, ATTENTION_TARGET and
-    ATTENTION_ROPE_TARGET, each followed by `suffix` (the attention targets then by "_f32" and
-    "_int8", one per cache dtype)."""
+    F32_MATMUL_NK_FUSED_TARGET, WEIGHT_ONLY_FUSED_TARGET, ATTENTION_TARGET,
+    ATTENTION_ROPE_TARGET and DECODE_LAYER_TARGET, each followed by `suffix` (the attention and
+    layer targets then by "_f32" and "_int8", one per cache dtype)."""
     lib = ctypes.cdll.LoadLibrary(str(build(defines)))
     for name, symbol in ((TARGET + suffix, lib.XlrtInt8Matmul),
                          (W8A8_TARGET + suffix, lib.XlrtW8a8Matmul),
@@ -241,7 +249,9 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
                          (ATTENTION_TARGET + suffix + "_f32", lib.XlrtPagedDecodeF32),
                          (ATTENTION_TARGET + suffix + "_int8", lib.XlrtPagedDecodeInt8),
                          (ATTENTION_ROPE_TARGET + suffix + "_f32", lib.XlrtPagedDecodeRopeF32),
-                         (ATTENTION_ROPE_TARGET + suffix + "_int8", lib.XlrtPagedDecodeRopeInt8)):
+                         (ATTENTION_ROPE_TARGET + suffix + "_int8", lib.XlrtPagedDecodeRopeInt8),
+                         (DECODE_LAYER_TARGET + suffix + "_f32", lib.XlrtDecodeLayerF32),
+                         (DECODE_LAYER_TARGET + suffix + "_int8", lib.XlrtDecodeLayerInt8)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 
@@ -510,6 +520,64 @@ def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_tab
         input_output_aliases={first + i: 1 + i for i in range(len(caches))})
     out, *caches = call(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), *caches,
                         *_paging_operands(layer, page_table, q_pos, kv_lens),
+                        **_attention_attrs(scale, sliding_window, logit_softcap))
+    k_cache, v_cache = caches[:2]
+    k_scale, v_scale = caches[2:] if int8 else (None, None)
+    return out, k_cache, v_cache, k_scale, v_scale
+
+
+def use_decode_layer(rows: int) -> bool:
+    """Whether a float32 decode step of `rows` rows (batch x query tokens) runs each decoder
+    layer as one decode_layer call: where the fused [N, K] matmuls run (use_f32_matmul_nk), unless
+    XLRT_DECODE_LAYER=0 (read when a program is traced: the five-call path, for comparison)."""
+    if os.environ.get("XLRT_DECODE_LAYER", "1") == "0":
+        return False
+    return use_f32_matmul_nk(rows, jnp.float32)
+
+
+def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin, k_cache,
+                 v_cache, layer, page_table, q_pos, kv_lens, *, eps, scale, sliding_window=None,
+                 logit_softcap=None, k_scale=None, v_scale=None, target: str = DECODE_LAYER_TARGET):
+    """One decoder layer (model.layers.Block with fused projections and [N, K] float32 weights)
+    for x [B * T, D], T query tokens of each of page_table's B sequences, in one FFI call
+    (`target` + "_f32" or "_int8", the cache's dtype; csrc/decode_layer.cc):
+
+        x1 = x + attention(rope(rms_norm(x, attn_norm) @ w_qkv^T)) @ w_o^T
+        out = x1 + (silu(gate) * up) @ w_down^T,  gate | up = rms_norm(x1, mlp_norm) @ w_gate_up^T
+
+    w_qkv [(N + 2 KVH) H, D] (query heads, then key heads, then value heads), w_o [D, N H],
+    w_gate_up [2 F, D], w_down [D, F]; cos, sin [B, T, H / 2] (model.layers.rope_cos_sin). The
+    new keys and values are written at q_pos as paged_decode_attention_rope writes them, and the
+    attention is that kernel's. Returns (out [B * T, D], k_cache, v_cache, k_scale, v_scale),
+    the caches updated in place (aliased; donate them). The bits are those of the five fused
+    calls the layer otherwise makes."""
+    int8 = _int8_cache("decode_layer", k_cache, k_scale, v_scale)
+    weights = dict(x=x, attn_norm=attn_norm, w_qkv=w_qkv, w_o=w_o, mlp_norm=mlp_norm,
+                   w_gate_up=w_gate_up, w_down=w_down, cos=cos, sin=sin)
+    bad = {n: a for n, a in weights.items() if a.dtype != jnp.float32}
+    if bad:
+        raise ValueError("decode_layer takes float32 activations and weights, got "
+                         + ", ".join(f"{n} {a.dtype}" for n, a in bad.items()))
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.int8):
+        raise ValueError(f"decode_layer takes k, v caches of one dtype, float32 or int8; got "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
+    if int8 and (k_scale.dtype != jnp.float32 or v_scale.dtype != jnp.float32):
+        raise ValueError(f"decode_layer: the int8 cache's scales must be float32 (they are "
+                         f"updated in place), got {k_scale.dtype} and {v_scale.dtype}")
+    if x.ndim != 2 or k_cache.ndim != 5:
+        raise ValueError(f"decode_layer takes x [B * T, D] and caches [L, KVH, P, PS, H], got "
+                         f"x {list(x.shape)} and k_cache {list(k_cache.shape)}")
+    caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
+    first = len(weights)  # operand index of k_cache
+    call = jax.ffi.ffi_call(
+        target + ("_int8" if int8 else "_f32"),
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+         *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
+        vmap_method="sequential",
+        input_output_aliases={first + i: 1 + i for i in range(len(caches))})
+    out, *caches = call(*weights.values(), *caches,
+                        *_paging_operands(layer, page_table, q_pos, kv_lens),
+                        eps=np.float32(eps),
                         **_attention_attrs(scale, sliding_window, logit_softcap))
     k_cache, v_cache = caches[:2]
     k_scale, v_scale = caches[2:] if int8 else (None, None)

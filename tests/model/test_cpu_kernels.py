@@ -454,14 +454,16 @@ def test_float32_model_decodes_the_same_with_the_kernels(make_tiny_engine, targe
     args = (eng.params, jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32), eng.cache,
             jnp.ones((2, 4), jnp.int32))
     hlo = jax.jit(functools.partial(decode_step, eng.model)).lower(*args).as_text()
-    assert cpu_ffi.ATTENTION_TARGET in hlo and matmul in hlo
+    # With [N, K] weights each layer is one decode_layer call (attention and matmuls inside)
+    layer = cpu_ffi.DECODE_LAYER_TARGET if layout == "nk" else cpu_ffi.ATTENTION_TARGET
+    assert layer in hlo and matmul in hlo
     batched = [o.token_ids for o in eng.generate(prompts, max_new_tokens=12)]
     alone = [eng.generate([p], max_new_tokens=12)[0].token_ids for p in prompts]
     with cpu_ffi.disabled():
         plain = make_tiny_engine(kv_cache_dtype=kv_cache_dtype, page_size=8,
                                  f32_weight_layout=layout)
         hlo = jax.jit(functools.partial(decode_step, plain.model)).lower(*args).as_text()
-        assert cpu_ffi.ATTENTION_TARGET not in hlo and matmul not in hlo
+        assert layer not in hlo and matmul not in hlo
         want = [o.token_ids for o in plain.generate(prompts, max_new_tokens=12)]
     assert batched == alone == want
 
@@ -645,8 +647,8 @@ def test_f32_gemm_is_batch_invariant_and_selected_where_it_should_be(gemm_target
 
 def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine, targets):
     """With [K, N] weights, 16 rows run the GEMM (AVX-512 builds) and 8 rows XLA's dot; with
-    [N, K] weights every decode batch up to F32_NK_MAX_ROWS runs the [N, K] kernel, the tied LM
-    head included (the embedding is [V, D])."""
+    [N, K] weights every decode batch up to F32_NK_MAX_ROWS runs the [N, K] kernel (in each
+    layer's decode_layer call), the tied LM head included (the embedding is [V, D])."""
     import dataclasses
     import functools
 
@@ -664,10 +666,10 @@ def test_float32_decode_program_calls_the_gemm_at_sixteen_rows(make_tiny_engine,
         assert cpu_ffi.F32_MATMUL_NK_TARGET not in hlo
         args = (nk.params,) + args[1:3] + (nk.cache,) + args[4:]
         hlo = jax.jit(functools.partial(decode_step, nk.model)).lower(*args).as_text()
-        # q|k|v, attention output, gate|up and down in each layer, with their norms, silu and
-        # residual adds fused in, and the tied LM head
-        assert hlo.count(f"custom_call @{cpu_ffi.F32_MATMUL_NK_FUSED_TARGET}(") == (
-            4 * nk.model.config.num_layers if vector else 0), rows
+        # q|k|v, attention output, gate|up and down in each layer's one call (with attention
+        # and the norms, silu and residual adds), and the tied LM head
+        assert hlo.count(f"custom_call @{cpu_ffi.DECODE_LAYER_TARGET}_f32(") == (
+            nk.model.config.num_layers if vector else 0), rows
         assert hlo.count(f"custom_call @{cpu_ffi.F32_MATMUL_NK_TARGET}(") == (
             1 if vector else 0), rows
         assert cpu_ffi.F32_GEMM_TARGET not in hlo

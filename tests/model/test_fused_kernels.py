@@ -226,13 +226,14 @@ def test_fused_matmul_rejects_bad_operands(suffixes):
 
 @pytest.mark.parametrize("quantization,layout,kv_cache_dtype", [
     (None, "nk", "auto"), ("int8", "kn", "auto"), ("int8", "nk", "int8")])
-def test_decode_program_runs_the_fused_entries(make_tiny_engine, suffixes, quantization,
-                                               layout, kv_cache_dtype):
-    """A float32 ([N, K]) or weight-only int8 engine's decode step: per layer one attention
-    call with RoPE and the cache write in it and four fused matmuls, no XLA scatter or
-    concatenate left in the layers, no copy of the cache; the logits within float rounding of
-    the program without the kernels."""
+def test_decode_program_runs_the_fused_entries(make_tiny_engine, suffixes, monkeypatch,
+                                               quantization, layout, kv_cache_dtype):
+    """A float32 ([N, K]; with XLRT_DECODE_LAYER=0, else the layer is one decode_layer call) or
+    weight-only int8 engine's decode step: per layer one attention call with RoPE and the cache
+    write in it and four fused matmuls, no XLA scatter or concatenate left in the layers, no
+    copy of the cache; the logits within float rounding of the program without the kernels."""
     from model.decoder import decode_step
+    monkeypatch.setenv("XLRT_DECODE_LAYER", "0")
     kwargs = dict(page_size=8, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     kwargs["int8_weight_layout" if quantization else "f32_weight_layout"] = layout
     eng = make_tiny_engine(**kwargs)

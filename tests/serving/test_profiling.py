@@ -30,6 +30,10 @@ def test_profile_attributes_time_to_every_layer(make_tiny_engine, tmp_path):
     assert {"attn", "mlp", "lm_head"} <= set(prof.per_part_ms)
     assert list(tmp_path.rglob("*.xplane.pb"))  # the trace TensorBoard/Perfetto open
     assert "layers_0" in prof.table()
+    # as served: float32 [N, K] layers are one kernel call each, timed per layer all the same
+    whole = profile_decode_step(engine, batch=2, context=9, steps=2,
+                                trace_dir=str(tmp_path / "whole"), layer_kernel=True)
+    assert sorted(whole.per_layer_ms) == list(range(engine.config.num_layers))
 
 
 def test_profile_decode_script_rejects_bad_flags():

@@ -35,11 +35,11 @@
 #include <cstdint>
 #include <utility>
 
-#include "parallel.h"
+#include "layer_parts.h"
 
 namespace {
 
-constexpr int64_t kItemRows = 48;  // weight rows (outputs) per work item
+constexpr int64_t kItemRows = xlrt::kNkItemRows;  // weight rows (outputs) per work item
 constexpr int64_t kL1Bytes = 28 * 1024;  // a group and a row block fit this in L1 (32 or 48 KB)
 
 #if XLRT_NK_AVX512
@@ -316,6 +316,11 @@ ffi::Error F32MatmulNkFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 }  // namespace
+
+void xlrt::f32_nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                       int64_t n0, int64_t n1) {
+  nk_item(x, w, y, M, K, N, n0, n1);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNk, F32MatmulNkImpl, xlrt::F32MatmulBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNkFused, F32MatmulNkFusedImpl,

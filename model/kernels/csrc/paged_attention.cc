@@ -26,17 +26,20 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#include "parallel.h"
+#include "layer_parts.h"
 
 namespace {
 
 using xlrt::parallel_for;
+using Shape = xlrt::AttentionShape;
+using Args = xlrt::AttentionArgs;
 
 constexpr int64_t kLanes = 16;  // partial sums per dot product: one AVX-512 register
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -312,26 +315,62 @@ PageFn<T> page_fn(int64_t H) {
 #define XLRT_ATTN_AVX2 0
 #endif
 
-struct Shape {
-  int64_t B, T, N, H;      // queries [B, T, N, H]
-  int64_t L, KVH, P, PS;   // cache [L, KVH, P, PS, H]
-  int64_t W;               // page table [B, W]
-};
+// rot[i] = x[i] cos[i] - x[i + H/2] sin[i], rot[i + H/2] = x[i + H/2] cos[i] + x[i] sin[i] (the
+// "rotate half" convention of model/layers.py apply_rope).
+inline void rope(const float* x, const float* cos, const float* sin, int64_t H, float* rot) {
+  const int64_t half = H / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    rot[i] = x1 * cos[i] - x2 * sin[i];
+    rot[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
 
-struct Args {
-  Shape d;
-  const float* q;
-  const void* k;
-  const void* v;
-  const float* k_scale;  // int8 cache: [L, KVH, P, 1, PS]; null for float
-  const float* v_scale;
-  int64_t layer;
-  const int32_t* page_table;
-  const int32_t* q_pos;
-  const int32_t* kv_lens;
-  float scale, softcap;  // softcap 0: none
-  int64_t window;        // 0: none
-};
+// Stores one token's vector x [H] of kv head `kvh` at (page, slot): as it is into a float cache,
+// or by model.kernels.quantize_int8's rule into an int8 one (scale = max|x| / 127, values
+// round-half-even(x / scale) clipped to +-127; an all-zero x gets scale 0 and zeros). Whether
+// XLA divides by the scale or multiplies by its reciprocal is its own choice, so a value at a
+// rounding tie may land one step apart from the XLA path's.
+inline void store(const float* x, int64_t H, float* cache, float*, int64_t at, int64_t) {
+  std::memcpy(cache + at * H, x, H * sizeof(float));
+}
+inline void store(const float* x, int64_t H, int8_t* cache, float* scales, int64_t at,
+                  int64_t scale_at) {
+  float amax = 0.0f;
+  for (int64_t h = 0; h < H; ++h) amax = std::max(amax, std::fabs(x[h]));
+  const float scale = amax * (1.0f / 127.0f);  // as XLA computes max / 127 (it folds it)
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  for (int64_t h = 0; h < H; ++h) {
+    const float r = std::nearbyint(x[h] / safe);
+    cache[at * H + h] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+  scales[scale_at] = scale;
+}
+
+
+// The new tokens of sequence b whose pages are pages [p0, p1) of its page table: kv head kvh's
+// rotated key and its value stored at their slots (those at positions >= kv_lens, padding, are
+// not stored; the XLA path sends them to the reserved page 0, which nothing reads). Each token's
+// page lies in exactly one item's range, and no other item reads that range of the sequence.
+template <typename T>
+void write_new(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float* rot) {
+  const Shape& d = a.d;
+  const int64_t heads = d.N + 2 * d.KVH, H = d.H, half = H / 2;
+  const int64_t len = std::min<int64_t>(a.kv_lens[b], d.W * d.PS);
+  T* kc = static_cast<T*>(a.k);
+  T* vc = static_cast<T*>(a.v);
+  for (int64_t t = 0; t < d.T; ++t) {
+    const int64_t pos = a.q_pos[b * d.T + t];
+    if (pos < 0 || pos >= len || pos / d.PS < p0 || pos / d.PS >= p1) continue;
+    const int64_t page = a.page_table[b * d.W + pos / d.PS], slot = pos % d.PS;
+    const float* token = a.qkv + (b * d.T + t) * heads * H;
+    const int64_t at = ((a.layer * d.KVH + kvh) * d.P + page) * d.PS + slot;
+    rope(token + (d.N + kvh) * H, a.cos + (b * d.T + t) * half, a.sin + (b * d.T + t) * half, H,
+         rot);
+    store(rot, H, kc, a.k_scale, at, at);
+    store(token + (d.N + d.KVH + kvh) * H, H, vc, a.v_scale, at, at);
+  }
+}
 
 // Online softmax over pages [p0, p1) of sequence b for the g * T query rows of kv head kvh:
 // m[R], l[R], acc[R, H] (unnormalized).
@@ -340,6 +379,8 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
             float* acc) {
   const Shape& d = a.d;
   const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H, PS = d.PS;
+  std::vector<float> qr(R * H), s(R * PS), e(PS);
+  if (a.qkv) write_new<T>(a, b, kvh, p0, p1, qr.data());  // qr: scratch until filled below
   std::fill(m, m + R, kNegInf);
   std::fill(l, l + R, 0.0f);
   std::fill(acc, acc + R * H, 0.0f);
@@ -351,14 +392,20 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
                                             d.W * d.PS});
   p1 = std::min(p1, (kv_len + PS - 1) / PS);
   if (kv_len <= 0 || p0 >= p1) return;
-  // Query rows r = gi * T + t, pre-scaled.
-  std::vector<float> qr(R * H), s(R * PS), e(PS);
+  // Query rows r = gi * T + t (rotated first with qkv), pre-scaled.
   std::vector<int32_t> rpos(R);
   for (int64_t gi = 0; gi < g; ++gi)
     for (int64_t t = 0; t < d.T; ++t) {
       const int64_t r = gi * d.T + t;
-      const float* src = a.q + ((b * d.T + t) * d.N + kvh * g + gi) * H;
-      for (int64_t h = 0; h < H; ++h) qr[r * H + h] = src[h] * a.scale;
+      float* row = &qr[r * H];
+      if (a.qkv) {
+        const int64_t bt = b * d.T + t;
+        rope(a.qkv + (bt * (d.N + 2 * d.KVH) + kvh * g + gi) * H, a.cos + bt * (H / 2),
+             a.sin + bt * (H / 2), H, row);
+      } else {
+        std::memcpy(row, a.q + ((b * d.T + t) * d.N + kvh * g + gi) * H, H * sizeof(float));
+      }
+      for (int64_t h = 0; h < H; ++h) row[h] *= a.scale;
       rpos[r] = qpos[t];
     }
   const T* kc = static_cast<const T*>(a.k);
@@ -433,46 +480,82 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
 // positions, never on the batch, so a sequence gets the same bits alone or batched.
 constexpr int64_t kChunkTokens = 256;
 
-template <typename T>
-ffi::Error Run(ffi::ThreadPool& pool, const Args& a, float* out) {
+}  // namespace
+
+namespace xlrt {
+
+static void merge_pair(const AttentionPlan& p, const float* part, int64_t pair, float* out);
+
+AttentionPlan plan_attention(const AttentionArgs& a, bool int8) {
   const Shape& d = a.d;
-  const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H;
-  const int64_t pairs = d.B * d.KVH;
-  const int64_t per = std::max<int64_t>(kChunkTokens / d.PS, 1);  // pages per range
-  const int64_t splits = std::max<int64_t>((d.W + per - 1) / per, 1);
-  const int64_t stride = R * (H + 2);  // m, l, acc per item
-  std::vector<float> part(pairs * splits * stride);
-  parallel_for(pool, pairs * splits, [&](int64_t item) {
-    const int64_t pair = item / splits, sp = item % splits;
-    float* m = part.data() + item * stride;
-    attend<T>(a, pair / d.KVH, pair % d.KVH, sp * per, (sp + 1) * per, m, m + R, m + 2 * R);
-  });
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t b = pair / d.KVH, kvh = pair % d.KVH;
-    for (int64_t r = 0; r < R; ++r) {
-      float m_all = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp)
-        m_all = std::max(m_all, part[(pair * splits + sp) * stride + r]);
-      const int64_t gi = r / d.T, t = r % d.T;
-      float* o = out + ((b * d.T + t) * d.N + kvh * g + gi) * H;
-      std::fill(o, o + H, 0.0f);
-      if (m_all == kNegInf) continue;  // no visible key: zeros
-      float l_all = 0.0f;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const float* base = part.data() + (pair * splits + sp) * stride;
-        if (base[r] == kNegInf) continue;
-        const float w = std::exp(base[r] - m_all);
-        l_all += w * base[R + r];
-        axpy(w, base + 2 * R + r * H, o, H);
-      }
-      const float inv = 1.0f / l_all;
-      for (int64_t h = 0; h < H; ++h) o[h] *= inv;
-    }
+  AttentionPlan p;
+  p.a = a;
+  p.int8 = int8;
+  p.pairs = d.B * d.KVH;
+  p.per = std::max<int64_t>(kChunkTokens / d.PS, 1);  // pages per range
+  p.splits = std::max<int64_t>((d.W + p.per - 1) / p.per, 1);
+  p.stride = (d.N / d.KVH) * d.T * (d.H + 2);  // m, l, acc per item
+  return p;
+}
+
+void attention_item(const AttentionPlan& p, float* part, AttentionCounts& counts, int64_t item,
+                    float* out) {
+  const Shape& d = p.a.d;
+  const int64_t R = (d.N / d.KVH) * d.T;
+  const int64_t pair = item / p.splits, sp = item % p.splits;
+  float* m = part + item * p.stride;
+  if (p.int8) {
+    attend<int8_t>(p.a, pair / d.KVH, pair % d.KVH, sp * p.per, (sp + 1) * p.per, m, m + R,
+                   m + 2 * R);
+  } else {
+    attend<float>(p.a, pair / d.KVH, pair % d.KVH, sp * p.per, (sp + 1) * p.per, m, m + R,
+                  m + 2 * R);
   }
+  // acq_rel: the last one sees every other item's parts of the pair
+  if (counts.left[pair].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_pair(p, part, pair, out);
+}
+
+// out [B, T, N, H]: the rows of pair `pair`, from the parts of all its splits.
+static void merge_pair(const AttentionPlan& p, const float* part, int64_t pair, float* out) {
+  const Shape& d = p.a.d;
+  const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H;
+  const int64_t b = pair / d.KVH, kvh = pair % d.KVH;
+  for (int64_t r = 0; r < R; ++r) {
+    float m_all = kNegInf;
+    for (int64_t sp = 0; sp < p.splits; ++sp)
+      m_all = std::max(m_all, part[(pair * p.splits + sp) * p.stride + r]);
+    const int64_t gi = r / d.T, t = r % d.T;
+    float* o = out + ((b * d.T + t) * d.N + kvh * g + gi) * H;
+    std::fill(o, o + H, 0.0f);
+    if (m_all == kNegInf) continue;  // no visible key: zeros
+    float l_all = 0.0f;
+    for (int64_t sp = 0; sp < p.splits; ++sp) {
+      const float* base = part + (pair * p.splits + sp) * p.stride;
+      if (base[r] == kNegInf) continue;
+      const float w = std::exp(base[r] - m_all);
+      l_all += w * base[R + r];
+      axpy(w, base + 2 * R + r * H, o, H);
+    }
+    const float inv = 1.0f / l_all;
+    for (int64_t h = 0; h < H; ++h) o[h] *= inv;
+  }
+}
+
+}  // namespace xlrt
+
+namespace {
+
+// The plan's items on XLA's pool.
+ffi::Error Run(ffi::ThreadPool& pool, const xlrt::AttentionPlan& plan, float* out) {
+  std::vector<float> part(plan.part_floats());
+  xlrt::AttentionCounts counts(plan);
+  parallel_for(pool, plan.items(),
+               [&](int64_t item) { xlrt::attention_item(plan, part.data(), counts, item, out); });
   return ffi::Error::Success();
 }
 
-template <typename Dims>
+using Dims = ffi::Span<const int64_t>;
+
 ffi::Error CheckShapes(const std::string& name, Dims q, Dims k, Dims v, Dims table, Dims qpos,
                        Dims kv_lens, Dims out, Shape* d) {
   if (q.size() != 4 || k.size() != 5 || v.size() != 5 || table.size() != 2 ||
@@ -498,10 +581,12 @@ ffi::Error CheckShapes(const std::string& name, Dims q, Dims k, Dims v, Dims tab
   return ffi::Error::Success();
 }
 
-ffi::Error Validate(const Args& a) {
+// The layer and every page the call reads or writes (those below kv_lens) lie in the cache.
+ffi::Error Validate(const std::string& name, const Args& a) {
   const Shape& d = a.d;
   if (a.layer < 0 || a.layer >= d.L) {
-    return ffi::Error::InvalidArgument("xlrt_paged_decode_attention: layer out of range");
+    return ffi::Error::InvalidArgument(name + ": layer " + std::to_string(a.layer) +
+                                       " outside the cache's " + std::to_string(d.L));
   }
   for (int64_t b = 0; b < d.B; ++b) {
     const int64_t len = std::min<int64_t>(a.kv_lens[b], d.W * d.PS);
@@ -509,15 +594,16 @@ ffi::Error Validate(const Args& a) {
       const int32_t page = a.page_table[b * d.W + p];
       if (page < 0 || page >= d.P) {
         return ffi::Error::InvalidArgument(
-            "xlrt_paged_decode_attention: page table entry " + std::to_string(page) +
-            " outside the cache's " + std::to_string(d.P) + " pages");
+            name + ": page table entry " + std::to_string(page) + " outside the cache's " +
+            std::to_string(d.P) + " pages");
       }
     }
   }
   return ffi::Error::Success();
 }
 
-// The layer, the paging operands and the attributes into *a (the layer must be a scalar).
+// The layer, the paging operands and the attributes into *a (the layer must be a scalar), then
+// Validate.
 ffi::Error ReadPaging(const std::string& name, ffi::Buffer<ffi::S32> layer,
                       ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
                       ffi::Buffer<ffi::S32> kv_lens, float scale, float softcap, int64_t window,
@@ -532,43 +618,29 @@ ffi::Error ReadPaging(const std::string& name, ffi::Buffer<ffi::S32> layer,
   a->scale = scale;
   a->softcap = softcap;
   a->window = window;
-  return ffi::Error::Success();
-}
-
-// An int8 cache's scales: k_scale [L, KVH, P, 1, PS] for k [L, KVH, P, PS, H], v_scale as many.
-template <typename Dims>
-ffi::Error CheckScales(const std::string& name, Dims kd, Dims sd, int64_t k_scales,
-                       int64_t v_scales) {
-  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
-      sd[3] != 1 || sd[4] != kd[3] || v_scales != k_scales) {
-    return ffi::Error::InvalidArgument(name + ": int8 cache scales must be [L, KVH, P, 1, PS]");
-  }
-  return ffi::Error::Success();
+  return Validate(name, *a);
 }
 
 template <typename T, typename KBuf>
-ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KBuf k, KBuf v,
-                const float* k_scale, const float* v_scale, ffi::Buffer<ffi::S32> layer,
-                ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
-                ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
-                float softcap, int64_t window) {
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KBuf k, KBuf v, float* k_scale,
+                float* v_scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                ffi::ResultBuffer<ffi::F32> out, float scale, float softcap, int64_t window) {
+  const std::string name = "xlrt_paged_decode_attention";
   Args a;
-  ffi::Error error = CheckShapes("xlrt_paged_decode_attention", q.dimensions(),
-                                 k.dimensions(), v.dimensions(), page_table.dimensions(),
-                                 q_pos.dimensions(), kv_lens.dimensions(), out->dimensions(),
-                                 &a.d);
+  ffi::Error error = CheckShapes(name, q.dimensions(), k.dimensions(), v.dimensions(),
+                                 page_table.dimensions(), q_pos.dimensions(),
+                                 kv_lens.dimensions(), out->dimensions(), &a.d);
   if (error.failure()) return error;
-  error = ReadPaging("xlrt_paged_decode_attention", layer, page_table, q_pos, kv_lens, scale,
-                     softcap, window, &a);
+  error = ReadPaging(name, layer, page_table, q_pos, kv_lens, scale, softcap, window, &a);
   if (error.failure()) return error;
+  // Read only: without qkv nothing is written to the caches.
   a.q = q.typed_data();
-  a.k = k.typed_data();
-  a.v = v.typed_data();
+  a.k = const_cast<T*>(k.typed_data());
+  a.v = const_cast<T*>(v.typed_data());
   a.k_scale = k_scale;
   a.v_scale = v_scale;
-  error = Validate(a);
-  if (error.failure()) return error;
-  return Run<T>(pool, a, out->typed_data());
+  return Run(pool, xlrt::plan_attention(a, std::is_same_v<T, int8_t>), out->typed_data());
 }
 
 ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -586,12 +658,13 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
                     ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out, float scale,
                     float softcap, int64_t window) {
-  ffi::Error error = CheckScales("xlrt_paged_decode_attention", k.dimensions(),
-                                 k_scale.dimensions(), k_scale.element_count(),
-                                 v_scale.element_count());
+  ffi::Error error = xlrt::check_scales("xlrt_paged_decode_attention", k.dimensions(),
+                                        k_scale.dimensions(), k_scale.element_count(),
+                                        v_scale.element_count());
   if (error.failure()) return error;
-  return Impl<int8_t>(pool, q, k, v, k_scale.typed_data(), v_scale.typed_data(), layer,
-                      page_table, q_pos, kv_lens, out, scale, softcap, window);
+  return Impl<int8_t>(pool, q, k, v, const_cast<float*>(k_scale.typed_data()),
+                      const_cast<float*>(v_scale.typed_data()), layer, page_table, q_pos,
+                      kv_lens, out, scale, softcap, window);
 }
 
 // ---- Decode attention with RoPE and the cache write folded in ----------------------------------
@@ -606,38 +679,6 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 // XLA path), k and v stored at their slots in the cache buffers, which XLA passes in and out
 // aliased (updated in place), then attention as above.
 
-// rot[i] = x[i] cos[i] - x[i + H/2] sin[i], rot[i + H/2] = x[i + H/2] cos[i] + x[i] sin[i] (the
-// "rotate half" convention of model/layers.py apply_rope).
-inline void rope(const float* x, const float* cos, const float* sin, int64_t H, float* rot) {
-  const int64_t half = H / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = x[i + half];
-    rot[i] = x1 * cos[i] - x2 * sin[i];
-    rot[i + half] = x2 * cos[i] + x1 * sin[i];
-  }
-}
-
-// Stores one token's vector x [H] of kv head `kvh` at (page, slot): as it is into a float cache,
-// or by model.kernels.quantize_int8's rule into an int8 one (scale = max|x| / 127, values
-// round-half-even(x / scale) clipped to +-127; an all-zero x gets scale 0 and zeros). Whether
-// XLA divides by the scale or multiplies by its reciprocal is its own choice, so a value at a
-// rounding tie may land one step apart from the XLA path's.
-inline void store(const float* x, int64_t H, float* cache, float*, int64_t at, int64_t) {
-  std::memcpy(cache + at * H, x, H * sizeof(float));
-}
-inline void store(const float* x, int64_t H, int8_t* cache, float* scales, int64_t at,
-                  int64_t scale_at) {
-  float amax = 0.0f;
-  for (int64_t h = 0; h < H; ++h) amax = std::max(amax, std::fabs(x[h]));
-  const float scale = amax * (1.0f / 127.0f);  // as XLA computes max / 127 (it folds it)
-  const float safe = scale > 0.0f ? scale : 1.0f;
-  for (int64_t h = 0; h < H; ++h) {
-    const float r = std::nearbyint(x[h] / safe);
-    cache[at * H + h] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
-  }
-  scales[scale_at] = scale;
-}
-
 template <typename T, typename CacheBuf>
 ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                          ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
@@ -646,69 +687,25 @@ ffi::Error RopeWriteImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                          ffi::ResultBuffer<ffi::F32> out, CacheBuf k, CacheBuf v,
                          float* k_scale, float* v_scale, float scale, float softcap,
                          int64_t window) {
-  const std::string name = "xlrt_paged_decode_attention_rope";
   Args a;
-  // out [B, T, N, H] has the queries' shape
-  ffi::Error error = CheckShapes(name, out->dimensions(), k->dimensions(), v->dimensions(),
-                                 page_table.dimensions(), q_pos.dimensions(),
-                                 kv_lens.dimensions(), out->dimensions(), &a.d);
+  ffi::Error error = xlrt::check_rope_attention(
+      "xlrt_paged_decode_attention_rope", qkv.dimensions(), cos.dimensions(), sin.dimensions(),
+      k->dimensions(), v->dimensions(), layer, page_table, q_pos, kv_lens, scale, softcap,
+      window, &a);
   if (error.failure()) return error;
-  const Shape& d = a.d;
-  const int64_t heads = d.N + 2 * d.KVH;  // q, then k, then v heads of each token
-  const auto pd = qkv.dimensions();
-  if (pd.size() != 4 || pd[0] != d.B || pd[1] != d.T || pd[2] != heads || pd[3] != d.H) {
+  const auto od = out->dimensions();
+  if (od.size() != 4 || od[0] != a.d.B || od[1] != a.d.T || od[2] != a.d.N || od[3] != a.d.H) {
     return ffi::Error::InvalidArgument(
-        name + ": qkv must be [B, T, N + 2 KVH, H]: each token's query heads, then its new " +
-        "key heads and value heads (N = " + std::to_string(d.N) + ", KVH = " +
-        std::to_string(d.KVH) + ")");
+        "xlrt_paged_decode_attention_rope: out must be [B, T, N, H]");
   }
-  const auto cd = cos.dimensions(), sd = sin.dimensions();
-  if (d.H % 2 != 0 || cd.size() != 3 || sd.size() != 3 || cd[0] != d.B || cd[1] != d.T ||
-      cd[2] != d.H / 2 || sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2]) {
-    return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, T, H / 2], H even");
-  }
-  error = ReadPaging(name, layer, page_table, q_pos, kv_lens, scale, softcap, window, &a);
-  if (error.failure()) return error;
-  error = Validate(a);  // also every page the new tokens go to: they lie below kv_lens
-  if (error.failure()) return error;
-  T* kc = k->typed_data();
-  T* vc = v->typed_data();
-  const float* src = qkv.typed_data();
-  const int64_t H = d.H, half = H / 2;
-  // The new tokens' keys and values into their pages; tokens at positions >= kv_lens (padding)
-  // are not stored (the XLA path sends them to the reserved page 0, which nothing reads).
-  std::vector<float> rot(H);
-  for (int64_t b = 0; b < d.B; ++b) {
-    const int64_t len = std::min<int64_t>(a.kv_lens[b], d.W * d.PS);
-    for (int64_t t = 0; t < d.T; ++t) {
-      const int64_t pos = a.q_pos[b * d.T + t];
-      if (pos < 0 || pos >= len) continue;
-      const int64_t page = a.page_table[b * d.W + pos / d.PS], slot = pos % d.PS;
-      const float* c = cos.typed_data() + (b * d.T + t) * half;
-      const float* s = sin.typed_data() + (b * d.T + t) * half;
-      const float* token = src + (b * d.T + t) * heads * H;
-      for (int64_t kvh = 0; kvh < d.KVH; ++kvh) {
-        const int64_t at = ((a.layer * d.KVH + kvh) * d.P + page) * d.PS + slot;
-        rope(token + (d.N + kvh) * H, c, s, H, rot.data());
-        store(rot.data(), H, kc, k_scale, at, at);
-        store(token + (d.N + d.KVH + kvh) * H, H, vc, v_scale, at, at);
-      }
-    }
-  }
-  // The queries, rotated.
-  std::vector<float> qr(d.B * d.T * d.N * H);
-  for (int64_t bt = 0; bt < d.B * d.T; ++bt) {
-    const float* c = cos.typed_data() + bt * half;
-    const float* s = sin.typed_data() + bt * half;
-    for (int64_t n = 0; n < d.N; ++n)
-      rope(src + (bt * heads + n) * H, c, s, H, qr.data() + (bt * d.N + n) * H);
-  }
-  a.q = qr.data();
-  a.k = kc;
-  a.v = vc;
+  a.qkv = qkv.typed_data();
+  a.cos = cos.typed_data();
+  a.sin = sin.typed_data();
+  a.k = k->typed_data();
+  a.v = v->typed_data();
   a.k_scale = k_scale;
   a.v_scale = v_scale;
-  return Run<T>(pool, a, out->typed_data());
+  return Run(pool, xlrt::plan_attention(a, std::is_same_v<T, int8_t>), out->typed_data());
 }
 
 ffi::Error RopeF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
@@ -731,9 +728,9 @@ ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                         ffi::ResultBuffer<ffi::S8> k, ffi::ResultBuffer<ffi::S8> v,
                         ffi::ResultBuffer<ffi::F32> k_scale, ffi::ResultBuffer<ffi::F32> v_scale,
                         float scale, float softcap, int64_t window) {
-  ffi::Error error = CheckScales("xlrt_paged_decode_attention_rope", k->dimensions(),
-                                 k_scale->dimensions(), k_scale->element_count(),
-                                 v_scale->element_count());
+  ffi::Error error = xlrt::check_scales("xlrt_paged_decode_attention_rope", k->dimensions(),
+                                        k_scale->dimensions(), k_scale->element_count(),
+                                        v_scale->element_count());
   if (error.failure()) return error;
   return RopeWriteImpl<int8_t>(pool, qkv, cos, sin, layer, page_table, q_pos, kv_lens, out, k,
                                v, k_scale->typed_data(), v_scale->typed_data(), scale, softcap,
@@ -741,6 +738,44 @@ ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 }
 
 }  // namespace
+
+namespace xlrt {
+
+ffi::Error check_rope_attention(const std::string& name, ffi::Span<const int64_t> qkv,
+                                ffi::Span<const int64_t> cos, ffi::Span<const int64_t> sin,
+                                ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
+                                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                                ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                                float scale, float softcap, int64_t window, AttentionArgs* a) {
+  if (qkv.size() != 4 || k.size() != 5 || qkv[2] <= 2 * k[1]) {
+    return ffi::Error::InvalidArgument(
+        name + ": qkv must be [B, T, N + 2 KVH, H] (each token's query heads, then its new key "
+        "heads and value heads) with N > 0, and the caches [L, KVH, P, PS, H]");
+  }
+  // The queries' shape [B, T, N, H]
+  const std::vector<int64_t> q = {qkv[0], qkv[1], qkv[2] - 2 * k[1], qkv[3]};
+  ffi::Error error = CheckShapes(name, q, k, v, page_table.dimensions(), q_pos.dimensions(),
+                                 kv_lens.dimensions(), q, &a->d);
+  if (error.failure()) return error;
+  const Shape& d = a->d;
+  if (d.H % 2 != 0 || cos.size() != 3 || sin.size() != 3 || cos[0] != d.B || cos[1] != d.T ||
+      cos[2] != d.H / 2 || !(sin == cos)) {
+    return ffi::Error::InvalidArgument(name + ": cos and sin must be [B, T, H / 2], H even");
+  }
+  // Also every page the new tokens go to: they lie below kv_lens.
+  return ReadPaging(name, layer, page_table, q_pos, kv_lens, scale, softcap, window, a);
+}
+
+ffi::Error check_scales(const std::string& name, ffi::Span<const int64_t> kd,
+                        ffi::Span<const int64_t> sd, int64_t k_scales, int64_t v_scales) {
+  if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
+      sd[3] != 1 || sd[4] != kd[3] || v_scales != k_scales) {
+    return ffi::Error::InvalidArgument(name + ": int8 cache scales must be [L, KVH, P, 1, PS]");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace xlrt
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeF32, F32Impl,
                               ffi::Ffi::Bind()

@@ -86,6 +86,182 @@ inline void parallel_ranges(ffi::ThreadPool& pool, int64_t n, int64_t grain,
   fork_join(pool, threads, run, [&] { return shared->done.load(std::memory_order_acquire) < n; });
 }
 
+// ---- Teams: the threads of one kernel call running several dependent steps ------------------
+//
+// A kernel that runs several dependent steps (decode_layer.cc: a whole decoder layer) forks once
+// over XLA's pool instead of once per step: every member of the team runs the same program, each
+// step's work items are shared out by atomic claims, and no member starts a step before all have
+// finished the one before. A member done early reserves its first claim of the next step and
+// prefetches that claim's weights while it waits, so the wait (the threads never finish a step
+// together: the last claims end apart) still feeds the memory stream. Measured against a
+// fork/join per step: 0.983-0.988x the float32 batch-1 decode step (docs/PERFORMANCE.md, session
+// 20): what a fork/join costs is mostly that same uneven finish, not the start of the task.
+//
+// Helpers are pool tasks and may start late, or only after the caller has finished: a helper
+// joins at the step the team is on (it skips the earlier steps' work) and a barrier counts only
+// the members that have joined. So the caller never waits for a helper that has not started,
+// and the program completes on the calling thread alone when no pool thread comes.
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until done(), pausing; past a few thousand rounds (tens of microseconds) it yields the
+// core, so a waiting member does not starve the one it waits for when threads outnumber cores.
+template <typename Done>
+void spin_until(const Done& done) {
+  for (int64_t round = 0; !done(); ++round) {
+    if (round < 4096) {
+      cpu_relax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+struct TeamState {
+  // bit 63: closed (the caller has finished; late helpers return at once); bits 32-62: the step
+  // the team is on; bits 16-31: members joined and not left; bits 0-15: members arrived at this
+  // step's barrier. One word, so that joining, arriving and releasing are each one atomic change.
+  static constexpr uint64_t kMember = uint64_t{1} << 16, kStep = uint64_t{1} << 32;
+  static constexpr uint64_t kClosed = uint64_t{1} << 63;
+  std::atomic<uint64_t> word{kMember};  // step 0, the caller
+  // Work claims: step s's items are [base_s, base_s + n_s) of one counter that only grows (each
+  // member knows base_s: the sum of the earlier steps' item counts).
+  std::atomic<int64_t> next{0};
+  static int64_t step(uint64_t w) { return static_cast<int64_t>((w & ~kClosed) >> 32); }
+  static int64_t members(uint64_t w) { return static_cast<int64_t>((w >> 16) & 0xffff); }
+  static int64_t arrived(uint64_t w) { return static_cast<int64_t>(w & 0xffff); }
+};
+
+// One thread's view of its team: every member makes the same sequence of ranges() calls.
+class TeamMember {
+ public:
+  TeamMember(TeamState* state, int64_t first_step, int64_t threads)
+      : s_(state), first_(first_step), threads_(threads) {}
+
+  // One step: work(i0, i1) over claimed ranges of [0, n). Claims are `grain` items, or with
+  // `guided` runs that shrink as the work runs out (max(grain, remaining / (2 threads)), as
+  // parallel_ranges). No member starts a step's work before every member has finished the step
+  // before: a member that is done early reserves its first claim of this step, and while it
+  // waits for the others it prefetches that claim's memory, `bytes` per item from `memory` (the
+  // step's weight rows; null: none), so the time is not lost to the memory stream. prepare()
+  // runs once on each member before its first claim of the step (per-thread work its items
+  // share, such as the norm of the step's input); a member that claims nothing skips it.
+  template <typename Prepare, typename Work>
+  void ranges(int64_t n, int64_t grain, bool guided, const void* memory, int64_t bytes,
+              const Prepare& prepare, const Work& work) {
+    const int64_t base = base_, end = base_ + n;
+    base_ = end;
+    const int64_t step = step_++;
+    if (step < first_) return;  // joined later: this step is done
+    int64_t i0, i1;
+    bool prepared = false;
+    if (step > first_) {  // others may still be in the step before
+      const bool reserved = claim(end, grain, guided, &i0, &i1);
+      const char* from = reserved && memory ? static_cast<const char*>(memory) +
+                                                  (i0 - base) * bytes : nullptr;
+      arrive_and_wait(from, from ? std::min((i1 - i0) * bytes, kPrefetchBytes) : 0);
+      if (reserved) {
+        prepare();
+        prepared = true;
+        work(i0 - base, i1 - base);
+      }
+    }
+    while (claim(end, grain, guided, &i0, &i1)) {
+      if (!prepared) {
+        prepare();
+        prepared = true;
+      }
+      work(i0 - base, i1 - base);
+    }
+  }
+
+  // One step of single items: work(i) for i < n, one claim each.
+  template <typename Work>
+  void each(int64_t n, const Work& work) {
+    ranges(n, 1, false, nullptr, 0, [] {}, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) work(i);
+    });
+  }
+
+ private:
+  // At most this much of a reserved claim is prefetched (into L2) while waiting.
+  static constexpr int64_t kPrefetchBytes = 256 * 1024;
+
+  // Claims the next run of this step's items (the counter's [.., end)) into [*i0, *i1).
+  bool claim(int64_t end, int64_t grain, bool guided, int64_t* i0, int64_t* i1) {
+    int64_t at = s_->next.load(std::memory_order_relaxed);
+    while (at < end) {
+      const int64_t want = guided ? std::max(grain, (end - at) / (2 * threads_)) : grain;
+      const int64_t to = std::min(end, at + (want + grain - 1) / grain * grain);
+      if (s_->next.compare_exchange_weak(at, to, std::memory_order_relaxed)) {
+        *i0 = at;
+        *i1 = to;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // The barrier: counts this member in; the last of the members to arrive moves the team to the
+  // next step, the others wait for that, prefetching [from, from + bytes) meanwhile.
+  void arrive_and_wait(const char* from, int64_t bytes) {
+    uint64_t w = s_->word.load(std::memory_order_acquire);
+    uint64_t update;
+    bool last;
+    do {
+      last = TeamState::arrived(w) + 1 == TeamState::members(w);
+      update = last ? (w & ~uint64_t{0xffff}) + TeamState::kStep : w + 1;
+    } while (!s_->word.compare_exchange_weak(w, update, std::memory_order_acq_rel,
+                                             std::memory_order_acquire));
+    if (last) return;
+    const int64_t step = TeamState::step(w);
+    int64_t at = 0;
+    spin_until([&] {
+      if (TeamState::step(s_->word.load(std::memory_order_acquire)) != step) return true;
+      for (int i = 0; i < 8 && at < bytes; ++i, at += 64) __builtin_prefetch(from + at, 0, 2);
+      return false;
+    });
+  }
+
+  TeamState* s_;
+  int64_t first_, threads_;
+  int64_t step_ = 0, base_ = 0;
+};
+
+// Runs program(member) on the calling thread and up to `threads - 1` pool tasks as one team
+// (above); returns when the program is done and no helper is still inside it.
+template <typename Program>
+void run_team(ffi::ThreadPool& pool, int64_t threads, const Program& program) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 0xffff));
+  auto state = std::make_shared<TeamState>();
+  const Program* fn = &program;  // valid while a helper is a member: the caller waits for it
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.Schedule([state, fn, threads]() {
+      uint64_t w = state->word.load(std::memory_order_acquire);
+      do {
+        if (w & TeamState::kClosed) return;
+      } while (!state->word.compare_exchange_weak(w, w + TeamState::kMember,
+                                                  std::memory_order_acq_rel,
+                                                  std::memory_order_acquire));
+      TeamMember member(state.get(), TeamState::step(w), threads);
+      (*fn)(member);
+      state->word.fetch_sub(TeamState::kMember, std::memory_order_release);
+    });
+  }
+  TeamMember member(state.get(), 0, threads);
+  program(member);
+  state->word.fetch_or(TeamState::kClosed, std::memory_order_acq_rel);
+  spin_until([&] {
+    return TeamState::members(state->word.load(std::memory_order_acquire)) == 1;
+  });
+}
+
 // The float32 matmuls' shapes, x [M, K] and w [K, N] (or [N, K] with nk) into y [M, N]: sets
 // M, K and N, or names the problem (`name`: the FFI target).
 template <typename Dims>

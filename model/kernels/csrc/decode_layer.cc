@@ -1,0 +1,228 @@
+// xlrt CPU kernel: one whole decoder layer of a float32 decode step in one FFI call, its steps
+// run by one team of threads (parallel.h run_team) instead of a fork/join over XLA's pool per
+// kernel call.
+//
+// x [M, D] (M = B x T rows: B sequences of T query tokens) goes through the layer of
+// model/layers.py Block with fused projections and [N, K] float32 weights:
+//   1. qkv = rms_norm(x) @ w_qkv^T                       (each member normalizes x for itself)
+//   2. RoPE, the new keys and values into the cache, attention over the paged cache, per
+//      (sequence, kv head, page range) item; the last item of a (sequence, kv head) to finish
+//      merges its items' partial results
+//   3. x1 = x + attn @ w_o^T
+//   4. gate_up = rms_norm(x1) @ w_gate_up^T
+//   5. out = x1 + (silu(gate) * up) @ w_down^T            (each member forms silu(gate) * up)
+// Each step's outputs are shared out as the standalone kernels share theirs, and every step
+// runs the code of its standalone entry (f32_nk.cc, paged_attention.cc, parallel.h's prologue
+// and epilogue) with the same order of operations per output: the results are bit for bit those
+// of the five separate fused calls (tests/model/test_decode_layer.py). Only the threads meet at
+// a barrier between steps instead of forking and joining five times.
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "layer_parts.h"
+
+namespace {
+
+// y[:, i0 .. i1] = rows @ w[i0 .. i1]^T, then the epilogue f on those columns, one work item of
+// kNkItemRows outputs at a time (as f32_nk.cc's fused entry).
+void nk_range(const float* rows, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+              int64_t i0, int64_t i1, const xlrt::Fusion& f) {
+  for (int64_t n0 = i0; n0 < i1; n0 += xlrt::kNkItemRows) {
+    const int64_t n1 = std::min(i1, n0 + xlrt::kNkItemRows);
+    xlrt::f32_nk_item(rows, w, y, M, K, N, n0, n1);
+    xlrt::run_epilogue(f, y, M, N, n0, n1);
+  }
+}
+
+bool is_shape(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+}
+
+template <typename C, typename CacheBuf>  // C: the cache's element type
+ffi::Error LayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                     ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
+                     ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
+                     ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                     ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                     ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                     ffi::ResultBuffer<ffi::F32> out, CacheBuf k, CacheBuf v, float* k_scale,
+                     float* v_scale, float eps, float scale, float softcap, int64_t window) {
+  const std::string name = "xlrt_decode_layer";
+  const auto xd = x.dimensions(), qd = w_qkv.dimensions(), od = w_o.dimensions();
+  const auto gd = w_gate_up.dimensions(), dd = w_down.dimensions(), kd = k->dimensions();
+  const auto td = page_table.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || od.size() != 2 || gd.size() != 2 || dd.size() != 2 ||
+      kd.size() != 5 || td.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        name + ": x, w_qkv, w_o, w_gate_up, w_down and page_table must be 2-D and the caches "
+        "[L, KVH, P, PS, H]");
+  }
+  const int64_t M = xd[0], D = xd[1], Q = qd[0], F = dd[1], B = td[0], H = kd[4];
+  if (B <= 0 || M % B != 0 || H <= 0 || Q % H != 0) {
+    return ffi::Error::InvalidArgument(
+        name + ": x must hold T query tokens of each of the page table's B sequences, and w_qkv "
+        "whole heads of the cache's head_dim");
+  }
+  const int64_t T = M / B;
+  xlrt::AttentionArgs a;
+  ffi::Error error = xlrt::check_rope_attention(
+      name, std::vector<int64_t>{B, T, Q / H, H}, cos.dimensions(), sin.dimensions(), kd,
+      v->dimensions(), layer, page_table, q_pos, kv_lens, scale, softcap, window, &a);
+  if (error.failure()) return error;
+  const int64_t NH = a.d.N * H;
+  if (!is_shape(qd, {Q, D}) || !is_shape(od, {D, NH}) || !is_shape(gd, {2 * F, D}) ||
+      !is_shape(dd, {D, F}) || !is_shape(attn_norm.dimensions(), {D}) ||
+      !is_shape(mlp_norm.dimensions(), {D}) || !is_shape(out->dimensions(), {M, D})) {
+    return ffi::Error::InvalidArgument(
+        name + ": expected x [M, D], attn_norm [D], w_qkv [(N + 2 KVH) H, D], w_o [D, N H], "
+        "mlp_norm [D], w_gate_up [2 F, D], w_down [D, F] and out [M, D] (weights [N, K], output "
+        "channel first)");
+  }
+  if (M == 0) return ffi::Error::Success();
+  std::vector<float> qkv(M * Q), attn(M * NH), x1(M * D), gate_up(M * 2 * F);
+  a.qkv = qkv.data();
+  a.cos = cos.typed_data();
+  a.sin = sin.typed_data();
+  a.k = k->typed_data();
+  a.v = v->typed_data();
+  a.k_scale = k_scale;
+  a.v_scale = v_scale;
+  const xlrt::AttentionPlan plan = xlrt::plan_attention(a, std::is_same_v<C, int8_t>);
+  std::vector<float> part(plan.part_floats());
+  xlrt::AttentionCounts counts(plan);
+
+  const float* xp = x.typed_data();
+  float* y = out->typed_data();
+  xlrt::Fusion norm1, norm2, silu, plain, residual1, residual2;
+  norm1.prologue = norm2.prologue = xlrt::kRmsNorm;
+  norm1.weight = attn_norm.typed_data();
+  norm2.weight = mlp_norm.typed_data();
+  norm1.eps = norm2.eps = eps;
+  silu.prologue = xlrt::kSiluMul;
+  residual1.residual = xp;
+  residual2.residual = x1.data();
+  constexpr int64_t kGrain = xlrt::kNkItemRows;
+  xlrt::run_team(pool, pool.num_threads(), [&](xlrt::TeamMember& team) {
+    std::vector<float> scratch;  // this member's normalized rows, or silu(gate) * up
+    const float* rows = nullptr;
+    team.ranges(Q, kGrain, true, w_qkv.typed_data(), D * 4, [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, w_qkv.typed_data(), qkv.data(), M, D, Q, i0, i1, plain);
+                });
+    team.each(plan.items(),
+              [&](int64_t i) { xlrt::attention_item(plan, part.data(), counts, i, attn.data()); });
+    team.ranges(D, kGrain, true, w_o.typed_data(), NH * 4, [] {}, [&](int64_t i0, int64_t i1) {
+      nk_range(attn.data(), w_o.typed_data(), x1.data(), M, NH, D, i0, i1, residual1);
+    });
+    team.ranges(2 * F, kGrain, true, w_gate_up.typed_data(), D * 4,
+                [&] { rows = xlrt::run_prologue(norm2, x1.data(), M, D, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, w_gate_up.typed_data(), gate_up.data(), M, D, 2 * F, i0, i1,
+                           plain);
+                });
+    team.ranges(D, kGrain, true, w_down.typed_data(), F * 4,
+                [&] { rows = xlrt::run_prologue(silu, gate_up.data(), M, F, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, w_down.typed_data(), y, M, F, D, i0, i1, residual2);
+                });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
+                        ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
+                        ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                        ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k,
+                        ffi::ResultBuffer<ffi::F32> v, float eps, float scale, float softcap,
+                        int64_t window) {
+  return LayerImpl<float>(pool, x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin,
+                          layer, page_table, q_pos, kv_lens, out, k, v, nullptr, nullptr, eps,
+                          scale, softcap, window);
+}
+
+ffi::Error LayerInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
+                         ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
+                         ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                         ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
+                         ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> layer,
+                         ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> q_pos,
+                         ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::ResultBuffer<ffi::S8> k, ffi::ResultBuffer<ffi::S8> v,
+                         ffi::ResultBuffer<ffi::F32> k_scale,
+                         ffi::ResultBuffer<ffi::F32> v_scale, float eps, float scale,
+                         float softcap, int64_t window) {
+  ffi::Error error = xlrt::check_scales("xlrt_decode_layer", k->dimensions(),
+                                        k_scale->dimensions(), k_scale->element_count(),
+                                        v_scale->element_count());
+  if (error.failure()) return error;
+  return LayerImpl<int8_t>(pool, x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos,
+                           sin, layer, page_table, q_pos, kv_lens, out, k, v,
+                           k_scale->typed_data(), v_scale->typed_data(), eps, scale, softcap,
+                           window);
+}
+
+// The layer's float32 operands before the caches: x, attn_norm, w_qkv, w_o, mlp_norm,
+// w_gate_up, w_down, cos, sin.
+auto LayerHead() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
+}  // namespace
+
+// The cache operands (k, v and an int8 cache's scales) are aliased to the results of the same
+// name (cpu_ffi.decode_layer): the kernel reads and writes the result buffers.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtDecodeLayerF32, LayerF32Impl,
+                              LayerHead()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // the layer's output [M, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v cache
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtDecodeLayerInt8, LayerInt8Impl,
+                              LayerHead()
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // k cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // v cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k scales (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v scales (aliased)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // the layer's output [M, D]
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // k cache
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // v cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k scales
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // v scales
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window"));
