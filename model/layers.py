@@ -514,6 +514,7 @@ class Block(nn.Module):
                 or jnp.dtype(x_btd.dtype) != jnp.float32):
             return False
         b, t = x_btd.shape[:2]
+        # the queries' and the new keys' types (the check reads shapes and dtypes only)
         q = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.float32)
         return (kernels.paged_attention_rope_applies(q, q, k_cache, impl=self.attention_impl)
                 and cpu_ffi.use_decode_layer(b * t))

@@ -125,9 +125,10 @@ def profile_decode_step(engine, *, batch: int = 1, context: int = 128, steps: in
 
     A float32 [N, K] engine serves each layer as one CPU kernel call (cpu_ffi.decode_layer),
     one op to the profiler. Unless `layer_kernel`, the step is traced with the layer's five
-    calls instead (XLRT_DECODE_LAYER=0), so that its time splits into attention and MLP; they
+    calls instead (cpu_ffi.layer_calls), so that its time splits into attention and MLP; they
     do the same work, the one call ~1.5% faster (docs/PERFORMANCE.md, session 20)."""
     from model.decoder import decode_step
+    from model.kernels import cpu_ffi
     page_size = engine.page_size
     pages_per_seq = -(-(context + 1) // page_size)
     if batch * pages_per_seq + 1 > engine.cache.num_pages:
@@ -140,15 +141,8 @@ def profile_decode_step(engine, *, batch: int = 1, context: int = 128, steps: in
     step = jax.jit(functools.partial(decode_step, engine.model), donate_argnums=(3,))
     page_table = jnp.asarray(page_table)
     cache = jax.tree.map(jnp.copy, engine.cache)  # the engine keeps its own
-    saved = os.environ.get("XLRT_DECODE_LAYER")
-    os.environ["XLRT_DECODE_LAYER"] = "1" if layer_kernel else "0"  # read when tracing
-    try:
+    with cpu_ffi.layer_calls(layer_kernel):
         compiled = step.lower(engine.params, tokens, positions, cache, page_table).compile()
-    finally:
-        if saved is None:
-            del os.environ["XLRT_DECODE_LAYER"]
-        else:
-            os.environ["XLRT_DECODE_LAYER"] = saved
     scopes = op_scopes(compiled.as_text())
     logits, cache = compiled(engine.params, tokens, positions, cache, page_table)
     logits.block_until_ready()

@@ -42,9 +42,10 @@ XLA's dot and one warning says why. `XLRT_CPU_KERNELS=0` turns the kernels off.
 
 Whether a matmul or attention uses a kernel is decided when its program is traced
 (`use_int8_matmul`, `use_weight_only_matmul`, `use_f32_matmul_nk`, `use_f32_gemv`,
-`use_f32_gemm`, `use_paged_attention`, `use_decode_layer`): only on the CPU backend, without a mesh (a custom call
-is not partitioned: sharded weights keep XLA's dot), outside `disabled()` (jax.export uses it,
-so exported programs carry no custom call), and for the row counts where they were measured
+`use_f32_gemm`, `use_paged_attention`, `use_decode_layer`): only on the CPU backend, without a
+mesh (a custom call is not partitioned: sharded weights keep XLA's dot), outside `disabled()`
+(jax.export uses it, so exported programs carry no custom call), and for the row counts where
+they were measured
 faster than XLA: decode batches (INT8_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS, F32_NK_MAX_ROWS...), and with
 AVX-512 VNNI the w8a8 matmuls of prefill too (INT8_MAX_ROWS_VNNI). Other long matmuls are
 compute-bound GEMMs that XLA already runs well.
@@ -136,6 +137,9 @@ _lock = threading.Lock()
 # are built with the same flags), None until loaded.
 _state: dict = {"tried": False, "lib": None, "error": None, "vnni": False, "simd": None}
 _disabled = contextvars.ContextVar("xlrt_cpu_kernels_disabled", default=False)
+# None: XLRT_DECODE_LAYER decides whether decode layers are one call (decode_layer); else the
+# choice of the innermost layer_calls() block.
+_layer_kernel = contextvars.ContextVar("xlrt_decode_layer_kernel", default=None)
 
 
 def cache_dir() -> Path:
@@ -273,6 +277,18 @@ def disabled():
         yield
     finally:
         _disabled.reset(token)
+
+
+@contextlib.contextmanager
+def layer_calls(one: bool):
+    """Trace float32 decode layers as one decode_layer call each (one=True) or as their five
+    separate calls (one=False: profiling splits their time into attention and MLP), whatever
+    XLRT_DECODE_LAYER says."""
+    token = _layer_kernel.set(bool(one))
+    try:
+        yield
+    finally:
+        _layer_kernel.reset(token)
 
 
 def _mesh_active() -> bool:
@@ -510,27 +526,38 @@ def paged_decode_attention_rope(qkv, cos, sin, k_cache, v_cache, layer, page_tab
     if int8 and (k_scale.dtype != jnp.float32 or v_scale.dtype != jnp.float32):
         raise ValueError(f"paged_decode_attention_rope: the int8 cache's scales must be float32 "
                          f"(they are updated in place), got {k_scale.dtype} and {v_scale.dtype}")
-    caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
-    first = 3  # operand index of k_cache
+    return _cache_updating_call(
+        target, jax.ShapeDtypeStruct((b, t, heads - 2 * kv_heads, h), jnp.float32),
+        (qkv, cos.astype(jnp.float32), sin.astype(jnp.float32)),
+        (k_cache, v_cache, k_scale, v_scale), (layer, page_table, q_pos, kv_lens),
+        _attention_attrs(scale, sliding_window, logit_softcap))
+
+
+def _cache_updating_call(target, out, head, caches, paging, attrs):
+    """The FFI call `target` + "_int8" or "_f32" (the cache's dtype) on (*head, the cache
+    buffers, the paging operands) with `attrs`, the cache buffers (k, v and an int8 cache's
+    scales) aliased to the results after `out`, updated in place. caches: (k_cache, v_cache,
+    k_scale, v_scale), the scales None for a float32 cache. Returns (out, k_cache, v_cache,
+    k_scale, v_scale)."""
+    k_cache, v_cache, k_scale, v_scale = caches
+    int8 = k_scale is not None
+    buffers = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
     call = jax.ffi.ffi_call(
         target + ("_int8" if int8 else "_f32"),
-        (jax.ShapeDtypeStruct((b, t, heads - 2 * kv_heads, h), jnp.float32),
-         *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
+        (out, *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in buffers)),
         vmap_method="sequential",
-        input_output_aliases={first + i: 1 + i for i in range(len(caches))})
-    out, *caches = call(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), *caches,
-                        *_paging_operands(layer, page_table, q_pos, kv_lens),
-                        **_attention_attrs(scale, sliding_window, logit_softcap))
-    k_cache, v_cache = caches[:2]
-    k_scale, v_scale = caches[2:] if int8 else (None, None)
-    return out, k_cache, v_cache, k_scale, v_scale
+        input_output_aliases={len(head) + i: 1 + i for i in range(len(buffers))})
+    result, *buffers = call(*head, *buffers, *_paging_operands(*paging), **attrs)
+    return (result, *buffers) if int8 else (result, *buffers, None, None)
 
 
 def use_decode_layer(rows: int) -> bool:
     """Whether a float32 decode step of `rows` rows (batch x query tokens) runs each decoder
     layer as one decode_layer call: where the fused [N, K] matmuls run (use_f32_matmul_nk), unless
-    XLRT_DECODE_LAYER=0 (read when a program is traced: the five-call path, for comparison)."""
-    if os.environ.get("XLRT_DECODE_LAYER", "1") == "0":
+    XLRT_DECODE_LAYER=0 or layer_calls(False) (read when a program is traced: the five-call path,
+    for comparison)."""
+    one = _layer_kernel.get()
+    if not (os.environ.get("XLRT_DECODE_LAYER", "1") != "0" if one is None else one):
         return False
     return use_f32_matmul_nk(rows, jnp.float32)
 
@@ -567,21 +594,10 @@ def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin
     if x.ndim != 2 or k_cache.ndim != 5:
         raise ValueError(f"decode_layer takes x [B * T, D] and caches [L, KVH, P, PS, H], got "
                          f"x {list(x.shape)} and k_cache {list(k_cache.shape)}")
-    caches = (k_cache, v_cache) + ((k_scale, v_scale) if int8 else ())
-    first = len(weights)  # operand index of k_cache
-    call = jax.ffi.ffi_call(
-        target + ("_int8" if int8 else "_f32"),
-        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-         *(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches)),
-        vmap_method="sequential",
-        input_output_aliases={first + i: 1 + i for i in range(len(caches))})
-    out, *caches = call(*weights.values(), *caches,
-                        *_paging_operands(layer, page_table, q_pos, kv_lens),
-                        eps=np.float32(eps),
-                        **_attention_attrs(scale, sliding_window, logit_softcap))
-    k_cache, v_cache = caches[:2]
-    k_scale, v_scale = caches[2:] if int8 else (None, None)
-    return out, k_cache, v_cache, k_scale, v_scale
+    return _cache_updating_call(
+        target, jax.ShapeDtypeStruct(x.shape, jnp.float32), tuple(weights.values()),
+        (k_cache, v_cache, k_scale, v_scale), (layer, page_table, q_pos, kv_lens),
+        dict(eps=np.float32(eps), **_attention_attrs(scale, sliding_window, logit_softcap)))
 
 
 def _usable() -> bool:

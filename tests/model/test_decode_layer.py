@@ -76,8 +76,8 @@ def five_calls(c, layer, suffix=""):
 def one_call(c, layer, suffix=""):
     h = c["k_cache"].shape[-1]
     return cpu_ffi.decode_layer(
-        c["x"], *(c["weights"][n] for n in WEIGHTS), c["cos"], c["sin"], *caches(c), layer, c["page_table"],
-        c["q_pos"], c["kv_lens"], eps=EPS, scale=h ** -0.5, k_scale=c["k_scale"],
+        c["x"], *(c["weights"][n] for n in WEIGHTS), c["cos"], c["sin"], *caches(c), layer,
+        c["page_table"], c["q_pos"], c["kv_lens"], eps=EPS, scale=h ** -0.5, k_scale=c["k_scale"],
         v_scale=c["v_scale"], target=cpu_ffi.DECODE_LAYER_TARGET + suffix)
 
 

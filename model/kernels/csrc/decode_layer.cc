@@ -25,17 +25,6 @@
 
 namespace {
 
-// y[:, i0 .. i1] = rows @ w[i0 .. i1]^T, then the epilogue f on those columns, one work item of
-// kNkItemRows outputs at a time (as f32_nk.cc's fused entry).
-void nk_range(const float* rows, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-              int64_t i0, int64_t i1, const xlrt::Fusion& f) {
-  for (int64_t n0 = i0; n0 < i1; n0 += xlrt::kNkItemRows) {
-    const int64_t n1 = std::min(i1, n0 + xlrt::kNkItemRows);
-    xlrt::f32_nk_item(rows, w, y, M, K, N, n0, n1);
-    xlrt::run_epilogue(f, y, M, N, n0, n1);
-  }
-}
-
 bool is_shape(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
   return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
 }
@@ -105,28 +94,33 @@ ffi::Error LayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   residual1.residual = xp;
   residual2.residual = x1.data();
   constexpr int64_t kGrain = xlrt::kNkItemRows;
+  const float* wq = w_qkv.typed_data();
+  const float* wo = w_o.typed_data();
+  const float* wgu = w_gate_up.typed_data();
+  const float* wd = w_down.typed_data();
   xlrt::run_team(pool, pool.num_threads(), [&](xlrt::TeamMember& team) {
     std::vector<float> scratch;  // this member's normalized rows, or silu(gate) * up
     const float* rows = nullptr;
-    team.ranges(Q, kGrain, true, w_qkv.typed_data(), D * 4, [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
+    team.ranges(Q, kGrain, true, wq, D * 4,
+                [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
                 [&](int64_t i0, int64_t i1) {
-                  nk_range(rows, w_qkv.typed_data(), qkv.data(), M, D, Q, i0, i1, plain);
+                  xlrt::f32_nk_range(rows, wq, qkv.data(), M, D, Q, i0, i1, plain);
                 });
-    team.each(plan.items(),
-              [&](int64_t i) { xlrt::attention_item(plan, part.data(), counts, i, attn.data()); });
-    team.ranges(D, kGrain, true, w_o.typed_data(), NH * 4, [] {}, [&](int64_t i0, int64_t i1) {
-      nk_range(attn.data(), w_o.typed_data(), x1.data(), M, NH, D, i0, i1, residual1);
+    team.each(plan.items(), [&](int64_t i) {
+      xlrt::attention_item(plan, part.data(), counts, i, attn.data());
     });
-    team.ranges(2 * F, kGrain, true, w_gate_up.typed_data(), D * 4,
+    team.ranges(D, kGrain, true, wo, NH * 4, [] {}, [&](int64_t i0, int64_t i1) {
+      xlrt::f32_nk_range(attn.data(), wo, x1.data(), M, NH, D, i0, i1, residual1);
+    });
+    team.ranges(2 * F, kGrain, true, wgu, D * 4,
                 [&] { rows = xlrt::run_prologue(norm2, x1.data(), M, D, scratch); },
                 [&](int64_t i0, int64_t i1) {
-                  nk_range(rows, w_gate_up.typed_data(), gate_up.data(), M, D, 2 * F, i0, i1,
-                           plain);
+                  xlrt::f32_nk_range(rows, wgu, gate_up.data(), M, D, 2 * F, i0, i1, plain);
                 });
-    team.ranges(D, kGrain, true, w_down.typed_data(), F * 4,
+    team.ranges(D, kGrain, true, wd, F * 4,
                 [&] { rows = xlrt::run_prologue(silu, gate_up.data(), M, F, scratch); },
                 [&](int64_t i0, int64_t i1) {
-                  nk_range(rows, w_down.typed_data(), y, M, F, D, i0, i1, residual2);
+                  xlrt::f32_nk_range(rows, wd, y, M, F, D, i0, i1, residual2);
                 });
   });
   return ffi::Error::Success();

@@ -264,18 +264,13 @@ void nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int
 #endif
 
 // All N outputs of every row: work items of kItemRows weight rows, claimed by the threads in
-// contiguous runs that shrink as the work runs out (parallel.h parallel_ranges), `after(n0, n1)`
-// on each item's outputs. Against one item per claim: 0.975-0.981x the float32 decode step at one
-// row, 0.976x at 8 rows, 0.996x at 32 (docs/PERFORMANCE.md, session 19).
-template <typename After>
+// contiguous runs that shrink as the work runs out (parallel.h parallel_ranges), the epilogue of
+// f on each item's outputs. Against one item per claim: 0.975-0.981x the float32 decode step at
+// one row, 0.976x at 8 rows, 0.996x at 32 (docs/PERFORMANCE.md, session 19).
 void nk_items(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M,
-              int64_t K, int64_t N, const After& after) {
+              int64_t K, int64_t N, const xlrt::Fusion& f) {
   xlrt::parallel_ranges(pool, N, kItemRows, [&](int64_t r0, int64_t r1) {
-    for (int64_t n0 = r0; n0 < r1; n0 += kItemRows) {
-      const int64_t n1 = std::min(r1, n0 + kItemRows);
-      nk_item(x, w, y, M, K, N, n0, n1);
-      after(n0, n1);
-    }
+    xlrt::f32_nk_range(x, w, y, M, K, N, r0, r1, f);
   });
 }
 
@@ -289,7 +284,7 @@ ffi::Error F32MatmulNkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
-  nk_items(pool, xp, wp, yp, M, K, N, [](int64_t, int64_t) {});
+  nk_items(pool, xp, wp, yp, M, K, N, xlrt::Fusion());
   return ffi::Error::Success();
 }
 
@@ -309,17 +304,19 @@ ffi::Error F32MatmulNkFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<float> scratch;
   const float* xp = xlrt::run_prologue(f, x.typed_data(), M, K, scratch);
   const float* wp = w.typed_data();
-  nk_items(pool, xp, wp, yp, M, K, N, [&](int64_t n0, int64_t n1) {
-    xlrt::run_epilogue(f, yp, M, N, n0, n1);
-  });
+  nk_items(pool, xp, wp, yp, M, K, N, f);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-void xlrt::f32_nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-                       int64_t n0, int64_t n1) {
-  nk_item(x, w, y, M, K, N, n0, n1);
+void xlrt::f32_nk_range(const float* x, const float* w, float* y, int64_t M, int64_t K,
+                        int64_t N, int64_t n0, int64_t n1, const Fusion& f) {
+  for (int64_t i0 = n0; i0 < n1; i0 += kItemRows) {
+    const int64_t i1 = std::min(n1, i0 + kItemRows);
+    nk_item(x, w, y, M, K, N, i0, i1);
+    run_epilogue(f, y, M, N, i0, i1);
+  }
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNk, F32MatmulNkImpl, xlrt::F32MatmulBinding());

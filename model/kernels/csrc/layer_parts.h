@@ -17,10 +17,11 @@ namespace xlrt {
 // Weight rows (outputs) per work item of the float32 [N, K] matmul.
 constexpr int64_t kNkItemRows = 48;
 
-// y[m, n] = x[m] . w[n] for every row m < M and n0 <= n < n1 (at most kNkItemRows outputs): one
-// work item of f32_matmul_nk, each output summed in that kernel's fixed order.
-void f32_nk_item(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1);
+// y[m, n] = x[m] . w[n] for every row m < M and n0 <= n < n1, then the epilogue of f on those
+// outputs, in work items of kNkItemRows outputs: what f32_matmul_nk's threads run on each claim,
+// each output summed in that kernel's fixed order.
+void f32_nk_range(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                  int64_t n0, int64_t n1, const Fusion& f);
 
 // ---- paged_attention.cc -----------------------------------------------------------------------
 

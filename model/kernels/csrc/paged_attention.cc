@@ -480,43 +480,8 @@ void attend(const Args& a, int64_t b, int64_t kvh, int64_t p0, int64_t p1, float
 // positions, never on the batch, so a sequence gets the same bits alone or batched.
 constexpr int64_t kChunkTokens = 256;
 
-}  // namespace
-
-namespace xlrt {
-
-static void merge_pair(const AttentionPlan& p, const float* part, int64_t pair, float* out);
-
-AttentionPlan plan_attention(const AttentionArgs& a, bool int8) {
-  const Shape& d = a.d;
-  AttentionPlan p;
-  p.a = a;
-  p.int8 = int8;
-  p.pairs = d.B * d.KVH;
-  p.per = std::max<int64_t>(kChunkTokens / d.PS, 1);  // pages per range
-  p.splits = std::max<int64_t>((d.W + p.per - 1) / p.per, 1);
-  p.stride = (d.N / d.KVH) * d.T * (d.H + 2);  // m, l, acc per item
-  return p;
-}
-
-void attention_item(const AttentionPlan& p, float* part, AttentionCounts& counts, int64_t item,
-                    float* out) {
-  const Shape& d = p.a.d;
-  const int64_t R = (d.N / d.KVH) * d.T;
-  const int64_t pair = item / p.splits, sp = item % p.splits;
-  float* m = part + item * p.stride;
-  if (p.int8) {
-    attend<int8_t>(p.a, pair / d.KVH, pair % d.KVH, sp * p.per, (sp + 1) * p.per, m, m + R,
-                   m + 2 * R);
-  } else {
-    attend<float>(p.a, pair / d.KVH, pair % d.KVH, sp * p.per, (sp + 1) * p.per, m, m + R,
-                  m + 2 * R);
-  }
-  // acq_rel: the last one sees every other item's parts of the pair
-  if (counts.left[pair].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_pair(p, part, pair, out);
-}
-
 // out [B, T, N, H]: the rows of pair `pair`, from the parts of all its splits.
-static void merge_pair(const AttentionPlan& p, const float* part, int64_t pair, float* out) {
+void merge_pair(const xlrt::AttentionPlan& p, const float* part, int64_t pair, float* out) {
   const Shape& d = p.a.d;
   const int64_t g = d.N / d.KVH, R = g * d.T, H = d.H;
   const int64_t b = pair / d.KVH, kvh = pair % d.KVH;
@@ -540,10 +505,6 @@ static void merge_pair(const AttentionPlan& p, const float* part, int64_t pair, 
     for (int64_t h = 0; h < H; ++h) o[h] *= inv;
   }
 }
-
-}  // namespace xlrt
-
-namespace {
 
 // The plan's items on XLA's pool.
 ffi::Error Run(ffi::ThreadPool& pool, const xlrt::AttentionPlan& plan, float* out) {
@@ -739,14 +700,38 @@ ffi::Error RopeInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 
 }  // namespace
 
-namespace xlrt {
+xlrt::AttentionPlan xlrt::plan_attention(const AttentionArgs& a, bool int8) {
+  const Shape& d = a.d;
+  AttentionPlan p;
+  p.a = a;
+  p.int8 = int8;
+  p.pairs = d.B * d.KVH;
+  p.per = std::max<int64_t>(kChunkTokens / d.PS, 1);  // pages per range
+  p.splits = std::max<int64_t>((d.W + p.per - 1) / p.per, 1);
+  p.stride = (d.N / d.KVH) * d.T * (d.H + 2);  // m, l, acc per item
+  return p;
+}
 
-ffi::Error check_rope_attention(const std::string& name, ffi::Span<const int64_t> qkv,
-                                ffi::Span<const int64_t> cos, ffi::Span<const int64_t> sin,
-                                ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
-                                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
-                                ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
-                                float scale, float softcap, int64_t window, AttentionArgs* a) {
+void xlrt::attention_item(const AttentionPlan& p, float* part, AttentionCounts& counts,
+                          int64_t item, float* out) {
+  const Shape& d = p.a.d;
+  const int64_t R = (d.N / d.KVH) * d.T;
+  const int64_t pair = item / p.splits, sp = item % p.splits;
+  float* m = part + item * p.stride;
+  const auto run = p.int8 ? attend<int8_t> : attend<float>;
+  run(p.a, pair / d.KVH, pair % d.KVH, sp * p.per, (sp + 1) * p.per, m, m + R, m + 2 * R);
+  // acq_rel: the last one sees every other item's parts of the pair
+  if (counts.left[pair].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    merge_pair(p, part, pair, out);
+  }
+}
+
+ffi::Error xlrt::check_rope_attention(const std::string& name, Dims qkv, Dims cos, Dims sin,
+                                      Dims k, Dims v, ffi::Buffer<ffi::S32> layer,
+                                      ffi::Buffer<ffi::S32> page_table,
+                                      ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
+                                      float scale, float softcap, int64_t window,
+                                      AttentionArgs* a) {
   if (qkv.size() != 4 || k.size() != 5 || qkv[2] <= 2 * k[1]) {
     return ffi::Error::InvalidArgument(
         name + ": qkv must be [B, T, N + 2 KVH, H] (each token's query heads, then its new key "
@@ -766,8 +751,8 @@ ffi::Error check_rope_attention(const std::string& name, ffi::Span<const int64_t
   return ReadPaging(name, layer, page_table, q_pos, kv_lens, scale, softcap, window, a);
 }
 
-ffi::Error check_scales(const std::string& name, ffi::Span<const int64_t> kd,
-                        ffi::Span<const int64_t> sd, int64_t k_scales, int64_t v_scales) {
+ffi::Error xlrt::check_scales(const std::string& name, Dims kd, Dims sd, int64_t k_scales,
+                              int64_t v_scales) {
   if (kd.size() != 5 || sd.size() != 5 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] ||
       sd[3] != 1 || sd[4] != kd[3] || v_scales != k_scales) {
     return ffi::Error::InvalidArgument(name + ": int8 cache scales must be [L, KVH, P, 1, PS]");
@@ -775,7 +760,6 @@ ffi::Error check_scales(const std::string& name, ffi::Span<const int64_t> kd,
   return ffi::Error::Success();
 }
 
-}  // namespace xlrt
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtPagedDecodeF32, F32Impl,
                               ffi::Ffi::Bind()

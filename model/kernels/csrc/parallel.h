@@ -53,6 +53,13 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::functi
             [&] { return shared->done.load(std::memory_order_acquire) < items; });
 }
 
+// Where a claim that starts at `at` of work ending at `end` ends: `grain` items, or with `guided`
+// max(grain, remaining / (2 * threads)) rounded up to a multiple of grain (as parallel_ranges).
+inline int64_t claim_end(int64_t at, int64_t end, int64_t grain, bool guided, int64_t threads) {
+  const int64_t want = guided ? std::max(grain, (end - at) / (2 * threads)) : grain;
+  return std::min(end, at + (want + grain - 1) / grain * grain);
+}
+
 // Runs work(n0, n1) over the ranges of [0, n) on the calling thread and up to `threads - 1`
 // pool tasks. Ranges shrink as the work runs out (guided self-scheduling): each claim takes
 // max(grain, remaining / (2 * threads)) rounded up to a multiple of grain, so every thread first
@@ -75,8 +82,7 @@ inline void parallel_ranges(ffi::ThreadPool& pool, int64_t n, int64_t grain,
   auto run = [shared, fn, n, grain, threads]() {
     int64_t n0 = shared->next.load(std::memory_order_relaxed);
     while (n0 < n) {
-      const int64_t want = std::max(grain, (n - n0) / (2 * threads));
-      const int64_t n1 = std::min(n, n0 + (want + grain - 1) / grain * grain);
+      const int64_t n1 = claim_end(n0, n, grain, true, threads);
       if (!shared->next.compare_exchange_weak(n0, n1, std::memory_order_relaxed)) continue;
       (*fn)(n0, n1);
       shared->done.fetch_add(n1 - n0, std::memory_order_release);
@@ -145,13 +151,13 @@ class TeamMember {
       : s_(state), first_(first_step), threads_(threads) {}
 
   // One step: work(i0, i1) over claimed ranges of [0, n). Claims are `grain` items, or with
-  // `guided` runs that shrink as the work runs out (max(grain, remaining / (2 threads)), as
-  // parallel_ranges). No member starts a step's work before every member has finished the step
-  // before: a member that is done early reserves its first claim of this step, and while it
-  // waits for the others it prefetches that claim's memory, `bytes` per item from `memory` (the
-  // step's weight rows; null: none), so the time is not lost to the memory stream. prepare()
-  // runs once on each member before its first claim of the step (per-thread work its items
-  // share, such as the norm of the step's input); a member that claims nothing skips it.
+  // `guided` runs that shrink as the work runs out (claim_end). No member starts a step's work
+  // before every member has finished the step before: a member that is done early reserves its
+  // first claim of this step, and while it waits for the others it prefetches that claim's
+  // memory, `bytes` per item from `memory` (the step's weight rows; null: none), so the time is
+  // not lost to the memory stream. prepare() runs once on each member before its first claim of
+  // the step (per-thread work its items share, such as the norm of the step's input); a member
+  // that claims nothing skips it.
   template <typename Prepare, typename Work>
   void ranges(int64_t n, int64_t grain, bool guided, const void* memory, int64_t bytes,
               const Prepare& prepare, const Work& work) {
@@ -197,8 +203,7 @@ class TeamMember {
   bool claim(int64_t end, int64_t grain, bool guided, int64_t* i0, int64_t* i1) {
     int64_t at = s_->next.load(std::memory_order_relaxed);
     while (at < end) {
-      const int64_t want = guided ? std::max(grain, (end - at) / (2 * threads_)) : grain;
-      const int64_t to = std::min(end, at + (want + grain - 1) / grain * grain);
+      const int64_t to = claim_end(at, end, grain, guided, threads_);
       if (s_->next.compare_exchange_weak(at, to, std::memory_order_relaxed)) {
         *i0 = at;
         *i1 = to;
