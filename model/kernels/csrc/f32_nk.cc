@@ -47,8 +47,11 @@ constexpr int64_t kL1Bytes = 28 * 1024;  // a group and a row block fit this in 
 struct Vec {
   using T = __m512;
   static constexpr int64_t kLanes = 16;
-  // 24 accumulators + 6 weight vectors + 1 of x, of the 32 registers.
-  static constexpr int kMaxR = 4, kMaxC = 6, kOneRowC = 6;
+  // 24 accumulators + 6 weight vectors + 1 of x, of the 32 registers. One row (batch-1
+  // decode) reads one weight row at a time, as the AVX2 build: 6 rows side by side streamed
+  // ~30% slower in a two-thread read of the LM head and made the float32 batch-1 step 1.10-1.14x
+  // slower (docs/PERFORMANCE.md, session 21).
+  static constexpr int kMaxR = 4, kMaxC = 6, kOneRowC = 1;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T load_tail(const float* p, int64_t n) {  // the first n < 16 floats, zeros after
