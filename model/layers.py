@@ -504,20 +504,23 @@ class Block(nn.Module):
 
     def layer_kernel_applies(self, x_btd, k_cache) -> bool:
         """Whether this decode step runs the layer as one cpu_ffi.decode_layer call: float32
-        weights and rows, fused projections stored [N, K], a dense MLP, no q/k/v bias or norm,
-        and attention where the CPU kernel runs it (paged_attention_rope_applies)."""
+        rows, float32 or weight-only int8 weights, fused projections stored [N, K], a dense MLP,
+        no q/k/v bias or norm, and attention where the CPU kernel runs it
+        (paged_attention_rope_applies)."""
         cfg = self.config
         if (cfg.is_moe or cfg.qkv_bias or cfg.qk_norm or not self.fuse_projections
-                or not self.nk_weights or self.weight_quant != "none"
+                or not self.nk_weights or self.weight_quant not in ("none", "int8")
                 or jnp.dtype(self.dtype) != jnp.float32
-                or jnp.dtype(self.param_dtype) != jnp.float32
+                or (self.weight_quant == "none"
+                    and jnp.dtype(self.param_dtype) != jnp.float32)
                 or jnp.dtype(x_btd.dtype) != jnp.float32):
             return False
         b, t = x_btd.shape[:2]
         # the queries' and the new keys' types (the check reads shapes and dtypes only)
         q = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.float32)
+        weights = jnp.int8 if self.weight_quant == "int8" else jnp.float32
         return (kernels.paged_attention_rope_applies(q, q, k_cache, impl=self.attention_impl)
-                and cpu_ffi.use_decode_layer(b * t))
+                and cpu_ffi.use_decode_layer(b * t, weights))
 
     @nn.compact
     def __call__(self, carry, layer, positions_bt, segment_ids_bt, page_table, kv_lens,
@@ -542,13 +545,17 @@ class Block(nn.Module):
             p_mlp = nn.meta.unbox(ffn.variables["params"])
             cos, sin = rope if rope is not None else rope_cos_sin(positions_bt,
                                                                   rope_frequencies(cfg))
+            # weight-only int8: each projection's per-output-channel scale (weight())
+            w_scales = None if self.weight_quant == "none" else (
+                p_attn["qkv_scale"], p_attn["o_scale"], p_mlp["gate_up_scale"],
+                p_mlp["down_scale"])
             out, k, v, k_scale, v_scale = cpu_ffi.decode_layer(
                 x_btd.reshape(b * t, d), attn_norm(x_btd, return_scale=True), p_attn["qkv"],
                 p_attn["o"].reshape(d, -1), mlp_norm(x_btd, return_scale=True),
                 p_mlp["gate_up"], p_mlp["down"], cos, sin, cache[0], cache[1], layer,
                 page_table, positions_bt, kv_lens, eps=cfg.norm_eps,
                 scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
-                k_scale=cache[2], v_scale=cache[3])
+                k_scale=cache[2], v_scale=cache[3], w_scales=w_scales)
             return (out.reshape(b, t, d), (k, v, k_scale, v_scale)), None
         if (cache is not None and not cfg.is_moe and fused_linear_applies(
                 x_btd.shape[0] * x_btd.shape[1], self.dtype, self.weight_quant,

@@ -52,9 +52,9 @@ if __name__ == "__main__":
     p.add_argument("--out", default="profiles/decode", help="trace directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--layer-kernel", action="store_true",
-                   help="profile float32 [N, K] layers as the one kernel call each that serving "
-                        "runs (one op per layer); by default their five calls, split into "
-                        "attention and MLP")
+                   help="profile float32 and int8 [N, K] layers as the one kernel call each "
+                        "that serving runs (one op per layer); by default their five calls, "
+                        "split into attention and MLP")
     cli.add_model_flags(p)
     cli.add_engine_flags(p)
     cli.run(main, p.parse_args())

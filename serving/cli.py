@@ -86,7 +86,7 @@ def add_weight_layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="with --quantization: int8 weights stored [K, N] (kn) or output channel "
                         "first, [N, K] (nk); auto: what this CPU's kernels read fastest (nk "
-                        "without AVX-512)")
+                        "for weight-only int8; for w8a8, nk without AVX-512)")
     p.add_argument("--f32-weight-layout", default="auto", choices=["auto", "kn", "nk"],
                    help="float32 models (no --quantization): weights stored [K, N] (kn) or output "
                         "channel first, [N, K] (nk); auto: what this CPU's kernels read fastest "

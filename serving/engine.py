@@ -148,7 +148,8 @@ class Engine(RequestFrontEnd):
         # None: what this CPU's kernels stream fastest. The int8 layout applies to quantized
         # models, the float32 one to float32 models; every other model reads [K, N].
         if int8_weight_layout is None:
-            int8_weight_layout = cpu_ffi.int8_weight_layout() if self.cpu_kernels else "kn"
+            int8_weight_layout = (cpu_ffi.int8_weight_layout(quantization or "int8")
+                                  if self.cpu_kernels else "kn")
         if f32_weight_layout is None:
             f32_weight_layout = cpu_ffi.f32_weight_layout() if self.cpu_kernels else "kn"
         float32 = quantization is None and jnp.dtype(self.dtype) == jnp.float32

@@ -123,10 +123,11 @@ def profile_decode_step(engine, *, batch: int = 1, context: int = 128, steps: in
     """Profile `steps` decode steps of `engine`'s model at `batch` rows with `context` cached
     tokens each (positions only; cache contents do not change the cost).
 
-    A float32 [N, K] engine serves each layer as one CPU kernel call (cpu_ffi.decode_layer),
-    one op to the profiler. Unless `layer_kernel`, the step is traced with the layer's five
-    calls instead (cpu_ffi.layer_calls), so that its time splits into attention and MLP; they
-    do the same work, the one call ~1.5% faster (docs/PERFORMANCE.md, session 20)."""
+    A float32 or weight-only int8 [N, K] engine serves each layer as one CPU kernel call
+    (cpu_ffi.decode_layer), one op to the profiler. Unless `layer_kernel`, the step is traced
+    with the layer's five calls instead (cpu_ffi.layer_calls), so that its time splits into
+    attention and MLP; they do the same work, the one call ~1.5% (float32) to ~8% (int8)
+    faster (docs/PERFORMANCE.md, sessions 20 and 21)."""
     from model.decoder import decode_step
     from model.kernels import cpu_ffi
     page_size = engine.page_size

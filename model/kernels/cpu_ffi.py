@@ -28,10 +28,10 @@ And decode attention over the paged KV cache (csrc/paged_attention.cc):
   cache, read page by page through the page table with an online softmax, instead of XLA's
   gather into a dense copy that its matmuls then read again.
 
-And a whole float32 decoder layer in one call (csrc/decode_layer.cc):
-- `decode_layer(x, ...)`: the five calls of a float32 `[N, K]` layer (the fused matmuls and
-  attention with RoPE and the cache write) as the steps of one team of threads, which fork
-  once and meet at a barrier between steps; the bits of the five calls.
+And a whole decoder layer with float32 rows in one call (csrc/decode_layer.cc):
+- `decode_layer(x, ...)`: the five calls of a float32 or weight-only int8 `[N, K]` layer (the
+  fused matmuls and attention with RoPE and the cache write) as the steps of one team of
+  threads, which fork once and meet at a barrier between steps; the bits of the five calls.
 docs/PERFORMANCE.md has the numbers.
 
 The sources are compiled with the system C++ compiler (`$CXX`, else `c++`) for this CPU
@@ -262,10 +262,11 @@ def register(suffix: str = "", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 def status() -> dict:
     """Whether the kernels loaded in this process, with VNNI, with the float32 GEMM in use
-    (AVX-512), the int8 and float32 weight layouts engines pick here, or why not (tests, bug
-    reports)."""
+    (AVX-512), the weight-only int8, w8a8 and float32 weight layouts engines pick here, or why
+    not (tests, bug reports)."""
     return {"loaded": _state["lib"] is not None, "vnni": _state["vnni"],
             "gemm_simd": _state["simd"] == "avx512", "int8_weight_layout": int8_weight_layout(),
+            "w8a8_weight_layout": int8_weight_layout("w8a8"),
             "f32_weight_layout": f32_weight_layout(), "error": _state["error"]}
 
 
@@ -327,12 +328,18 @@ def use_f32_gemv(rows: int, n: int, dtype) -> bool:
     return rows > 1 or _state["simd"] != "avx2"
 
 
-def int8_weight_layout() -> str:
-    """The layout the int8 decode kernels stream fastest on this CPU: "nk" (each output
-    channel's weights contiguous, model.decoder.Decoder(nk_weights=True)) without AVX-512: on AVX2
-    the [K, N] column ranges read 1.4-1.8x slower at 1-16 rows; "kn" with AVX-512 (the
-    layout its kernels were tuned on) or without the kernels (XLA's dot)."""
-    if _state["lib"] is None or _state["simd"] == "avx512":
+def int8_weight_layout(quantization: str = "int8") -> str:
+    """The layout the int8 decode kernels of `quantization` ("int8": weight-only, or "w8a8")
+    stream fastest on this CPU: "nk" (each output channel's weights contiguous,
+    model.decoder.Decoder(nk_weights=True)) for weight-only int8 wherever the kernels run (one
+    weight row at a time at batch 1 and one decode_layer call per layer: 0.85x the [K, N] step at
+    one row, 0.98-1.0x at 8 and 32; docs/PERFORMANCE.md, session 21) and for w8a8 without
+    AVX-512 (on AVX2 the [K, N] column ranges read 1.4-1.8x slower at 1-16 rows); "kn" for w8a8
+    with AVX-512 (1.05-1.07x faster than "nk" at 8 and 32 rows) or without the kernels (XLA's
+    dot)."""
+    if _state["lib"] is None:
+        return "kn"
+    if quantization == "w8a8" and _state["simd"] == "avx512":
         return "kn"
     return "nk"
 
@@ -551,40 +558,66 @@ def _cache_updating_call(target, out, head, caches, paging, attrs):
     return (result, *buffers) if int8 else (result, *buffers, None, None)
 
 
-def use_decode_layer(rows: int) -> bool:
-    """Whether a float32 decode step of `rows` rows (batch x query tokens) runs each decoder
-    layer as one decode_layer call: where the fused [N, K] matmuls run (use_f32_matmul_nk), unless
-    XLRT_DECODE_LAYER=0 or layer_calls(False) (read when a program is traced: the five-call path,
-    for comparison)."""
+def use_decode_layer(rows: int, weight_dtype=jnp.float32) -> bool:
+    """Whether a decode step of `rows` float32 rows (batch x query tokens) runs each decoder
+    layer as one decode_layer call: with float32 [N, K] weights where the fused float32 matmuls
+    run (use_f32_matmul_nk), with int8 [N, K] ones where the weight-only kernels run
+    (use_weight_only_matmul); unless XLRT_DECODE_LAYER=0 or layer_calls(False) (read when a
+    program is traced: the five-call path, for comparison)."""
     one = _layer_kernel.get()
     if not (os.environ.get("XLRT_DECODE_LAYER", "1") != "0" if one is None else one):
         return False
+    if jnp.dtype(weight_dtype) == jnp.int8:
+        return use_weight_only_matmul(rows, jnp.float32)
     return use_f32_matmul_nk(rows, jnp.float32)
 
 
 def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin, k_cache,
                  v_cache, layer, page_table, q_pos, kv_lens, *, eps, scale, sliding_window=None,
-                 logit_softcap=None, k_scale=None, v_scale=None, target: str = DECODE_LAYER_TARGET):
-    """One decoder layer (model.layers.Block with fused projections and [N, K] float32 weights)
-    for x [B * T, D], T query tokens of each of page_table's B sequences, in one FFI call
-    (`target` + "_f32" or "_int8", the cache's dtype; csrc/decode_layer.cc):
+                 logit_softcap=None, k_scale=None, v_scale=None, w_scales=None,
+                 target: str = DECODE_LAYER_TARGET):
+    """One decoder layer (model.layers.Block with fused projections and [N, K] weights) for x
+    [B * T, D], T query tokens of each of page_table's B sequences, in one FFI call (`target` +
+    "_f32" or "_int8", the cache's dtype; csrc/decode_layer.cc):
 
         x1 = x + attention(rope(rms_norm(x, attn_norm) @ w_qkv^T)) @ w_o^T
         out = x1 + (silu(gate) * up) @ w_down^T,  gate | up = rms_norm(x1, mlp_norm) @ w_gate_up^T
 
     w_qkv [(N + 2 KVH) H, D] (query heads, then key heads, then value heads), w_o [D, N H],
-    w_gate_up [2 F, D], w_down [D, F]; cos, sin [B, T, H / 2] (model.layers.rope_cos_sin). The
-    new keys and values are written at q_pos as paged_decode_attention_rope writes them, and the
-    attention is that kernel's. Returns (out [B * T, D], k_cache, v_cache, k_scale, v_scale),
-    the caches updated in place (aliased; donate them). The bits are those of the five fused
-    calls the layer otherwise makes."""
+    w_gate_up [2 F, D], w_down [D, F], all float32 or all int8 (weight-only); int8 weights take
+    w_scales = (s_qkv, s_o, s_gate_up, s_down), their per-output-channel scales, applied as
+    model.layers.Attention and MLP apply them (q|k|v and the output projection scaled after the
+    matmul, gate|up within silu(gate) * up, down after). cos, sin [B, T, H / 2]
+    (model.layers.rope_cos_sin). The new keys and values are written at q_pos as
+    paged_decode_attention_rope writes them, and the attention is that kernel's. Returns (out
+    [B * T, D], k_cache, v_cache, k_scale, v_scale), the caches updated in place (aliased;
+    donate them). The bits are those of the five fused calls the layer otherwise makes."""
     int8 = _int8_cache("decode_layer", k_cache, k_scale, v_scale)
-    weights = dict(x=x, attn_norm=attn_norm, w_qkv=w_qkv, w_o=w_o, mlp_norm=mlp_norm,
-                   w_gate_up=w_gate_up, w_down=w_down, cos=cos, sin=sin)
-    bad = {n: a for n, a in weights.items() if a.dtype != jnp.float32}
+    projections = dict(w_qkv=w_qkv, w_o=w_o, w_gate_up=w_gate_up, w_down=w_down)
+    rows = dict(x=x, attn_norm=attn_norm, mlp_norm=mlp_norm, cos=cos, sin=sin)
+    int8_weights = w_qkv.dtype == jnp.int8
+    want = jnp.int8 if int8_weights else jnp.float32
+    bad = {n: a for n, a in rows.items() if a.dtype != jnp.float32}
+    bad.update({n: a for n, a in projections.items() if a.dtype != want})
     if bad:
-        raise ValueError("decode_layer takes float32 activations and weights, got "
-                         + ", ".join(f"{n} {a.dtype}" for n, a in bad.items()))
+        raise ValueError("decode_layer takes float32 activations and weights all float32 or all "
+                         "int8, got " + ", ".join(f"{n} {a.dtype}" for n, a in bad.items()))
+    empty = jnp.zeros((0,), jnp.float32)
+    if int8_weights:
+        if w_scales is None or len(w_scales) != 4:
+            raise ValueError("decode_layer: int8 weights need w_scales = (s_qkv, s_o, s_gate_up, "
+                             "s_down)")
+        shapes = ((w_qkv.shape[0],), (w_o.shape[0],), (w_gate_up.shape[0],), (w_down.shape[0],))
+        got = [tuple(s.shape) for s in w_scales]
+        if got != list(shapes) or any(s.dtype != jnp.float32 for s in w_scales):
+            raise ValueError(f"decode_layer: w_scales must be float32 of shapes {list(shapes)} "
+                             f"(one per output channel), got "
+                             f"{[f'{s.dtype}{list(s.shape)}' for s in w_scales]}")
+        scales = tuple(w_scales)
+    elif w_scales is not None:
+        raise ValueError("decode_layer: w_scales go with int8 weights; these are float32")
+    else:
+        scales = (empty,) * 4
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.int8):
         raise ValueError(f"decode_layer takes k, v caches of one dtype, float32 or int8; got "
                          f"{k_cache.dtype} and {v_cache.dtype}")
@@ -594,8 +627,9 @@ def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin
     if x.ndim != 2 or k_cache.ndim != 5:
         raise ValueError(f"decode_layer takes x [B * T, D] and caches [L, KVH, P, PS, H], got "
                          f"x {list(x.shape)} and k_cache {list(k_cache.shape)}")
+    head = (x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, *scales, cos, sin)
     return _cache_updating_call(
-        target, jax.ShapeDtypeStruct(x.shape, jnp.float32), tuple(weights.values()),
+        target, jax.ShapeDtypeStruct(x.shape, jnp.float32), head,
         (k_cache, v_cache, k_scale, v_scale), (layer, page_table, q_pos, kv_lens),
         dict(eps=np.float32(eps), **_attention_attrs(scale, sliding_window, logit_softcap)))
 

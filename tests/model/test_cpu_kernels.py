@@ -153,6 +153,30 @@ def test_weight_only_matches_xla(weight_only_targets, m, k, n, transpose_w, seed
         assert np.all(np.abs(np.asarray(got) - want) <= bound), target
 
 
+def test_weight_only_nk_is_batch_invariant_and_picked_for_weight_only(weight_only_targets):
+    """Weight-only int8 [N, K] (the default layout for weight-only engines wherever the kernels
+    run): one row (one weight row at a time) and blocks of up to 6 rows (one widening per block)
+    give a row the same bits alone, in a batch of 32 and in any place of it, on every build, at
+    the default model's shapes and ragged ones; w8a8 keeps [K, N] with AVX-512."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((32, 1536), dtype=np.float32))
+    for n, k in ((960, 576), (576, 1536), (203, 77), (7, 130)):
+        w = jnp.asarray(rng.integers(-128, 128, (n, k), dtype=np.int8))
+        want = np.asarray(x[:, :k], np.float64) @ np.asarray(w, np.float64).T
+        bound = 1e-5 * (np.abs(np.asarray(x[:, :k], np.float64)).sum(1, keepdims=True) * 128 + 1)
+        for target in weight_only_targets:
+            call = jax.jit(lambda x, w, t=target: cpu_ffi.weight_only_matmul(x, w, True, t))
+            full = np.asarray(call(x[:, :k], w))
+            assert np.all(np.abs(full - want) <= bound), (target, n, k)
+            for rows in (slice(7, 8), slice(21, 30), slice(0, 6), slice(3, 5)):
+                np.testing.assert_array_equal(np.asarray(call(x[rows, :k], w)), full[rows],
+                                              err_msg=f"{target} {n}x{k} rows {rows}")
+    loaded = cpu_ffi._state["lib"] is not None
+    assert cpu_ffi.int8_weight_layout() == ("nk" if loaded else "kn")
+    assert cpu_ffi.int8_weight_layout("w8a8") == (
+        "kn" if not loaded or cpu_ffi._state["simd"] == "avx512" else "nk")
+
+
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_extreme_values_accumulate_exactly(int8_targets, transpose_w):
     """The largest sums the kernel allows (x = -128 against w = -128 over a long K) stay exact,

@@ -1,21 +1,24 @@
-// xlrt CPU kernel: one whole decoder layer of a float32 decode step in one FFI call, its steps
-// run by one team of threads (parallel.h run_team) instead of a fork/join over XLA's pool per
-// kernel call.
+// xlrt CPU kernel: one whole decoder layer of a decode step with float32 rows in one FFI call,
+// its steps run by one team of threads (parallel.h run_team) instead of a fork/join over XLA's
+// pool per kernel call.
 //
 // x [M, D] (M = B x T rows: B sequences of T query tokens) goes through the layer of
-// model/layers.py Block with fused projections and [N, K] float32 weights:
-//   1. qkv = rms_norm(x) @ w_qkv^T                       (each member normalizes x for itself)
+// model/layers.py Block with fused projections and [N, K] weights, float32 or int8 (weight-only,
+// each projection with its per-output-channel scale s_*; for float32 weights the scales are
+// empty and the products below are not scaled):
+//   1. qkv = (rms_norm(x) @ w_qkv^T) * s_qkv             (each member normalizes x for itself)
 //   2. RoPE, the new keys and values into the cache, attention over the paged cache, per
 //      (sequence, kv head, page range) item; the last item of a (sequence, kv head) to finish
 //      merges its items' partial results
-//   3. x1 = x + attn @ w_o^T
+//   3. x1 = x + (attn @ w_o^T) * s_o
 //   4. gate_up = rms_norm(x1) @ w_gate_up^T
-//   5. out = x1 + (silu(gate) * up) @ w_down^T            (each member forms silu(gate) * up)
+//   5. out = x1 + ((silu(gate * s_gate) * up * s_up) @ w_down^T) * s_down
+//                                                        (each member forms silu(gate) * up)
 // Each step's outputs are shared out as the standalone kernels share theirs, and every step
-// runs the code of its standalone entry (f32_nk.cc, paged_attention.cc, parallel.h's prologue
-// and epilogue) with the same order of operations per output: the results are bit for bit those
-// of the five separate fused calls (tests/model/test_decode_layer.py). Only the threads meet at
-// a barrier between steps instead of forking and joining five times.
+// runs the code of its standalone entry (f32_nk.cc or int8_matmul.cc, paged_attention.cc,
+// parallel.h's prologue and epilogue) with the same order of operations per output: the results
+// are bit for bit those of the five separate fused calls (tests/model/test_decode_layer.py).
+// Only the threads meet at a barrier between steps instead of forking and joining five times.
 
 #include <string>
 #include <type_traits>
@@ -29,25 +32,109 @@ bool is_shape(ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
   return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
 }
 
-template <typename C, typename CacheBuf>  // C: the cache's element type
+// The four projections' weights, float32 or int8, and with int8 their scales (else null).
+struct Projections {
+  ffi::AnyBuffer qkv, o, gate_up, down;
+  ffi::Buffer<ffi::F32> s_qkv, s_o, s_gate_up, s_down;
+};
+
+// Outputs n0 .. n1 of rows x [M, K] against w [N, K] with the epilogue of f: the standalone
+// matmul's code for W (float32 or int8 weights).
+template <typename W>
+void nk_range(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+              int64_t n1, const xlrt::Fusion& f) {
+  if constexpr (std::is_same_v<W, float>) {
+    xlrt::f32_nk_range(x, w, y, M, K, N, n0, n1, f);
+  } else {
+    xlrt::int8_nk_range(x, w, y, M, K, N, n0, n1, f);
+  }
+}
+
+// The team's program over checked operands (LayerImpl). W: the weights' element type.
+template <typename W>
+void run_layer(ffi::ThreadPool& pool, const xlrt::AttentionArgs& args, bool int8_cache,
+               const float* xp, const float* attn_norm, const float* mlp_norm,
+               const Projections& p, float eps, float* y, int64_t M, int64_t D, int64_t Q,
+               int64_t NH, int64_t F) {
+  std::vector<float> qkv(M * Q), attn(M * NH), x1(M * D), gate_up(M * 2 * F);
+  xlrt::AttentionArgs a = args;
+  a.qkv = qkv.data();
+  const xlrt::AttentionPlan plan = xlrt::plan_attention(a, int8_cache);
+  std::vector<float> part(plan.part_floats());
+  xlrt::AttentionCounts counts(plan);
+
+  auto scale = [](const ffi::Buffer<ffi::F32>& s) {
+    return s.element_count() ? s.typed_data() : nullptr;
+  };
+  xlrt::Fusion norm1, norm2, silu, residual1, residual2;
+  norm1.prologue = norm2.prologue = xlrt::kRmsNorm;
+  norm1.weight = attn_norm;
+  norm2.weight = mlp_norm;
+  norm1.eps = norm2.eps = eps;
+  norm1.col_scale = scale(p.s_qkv);
+  silu.prologue = xlrt::kSiluMul;
+  silu.weight = scale(p.s_gate_up);  // gate | up times their scale, as the down call's prologue
+  residual1.residual = xp;
+  residual1.col_scale = scale(p.s_o);
+  residual2.residual = x1.data();
+  residual2.col_scale = scale(p.s_down);
+  constexpr int64_t kGrain = std::is_same_v<W, float> ? xlrt::kNkItemRows : xlrt::kInt8NkItemRows;
+  constexpr int64_t kBytes = sizeof(W);
+  const W* wq = static_cast<const W*>(p.qkv.untyped_data());
+  const W* wo = static_cast<const W*>(p.o.untyped_data());
+  const W* wgu = static_cast<const W*>(p.gate_up.untyped_data());
+  const W* wd = static_cast<const W*>(p.down.untyped_data());
+  xlrt::run_team(pool, pool.num_threads(), [&](xlrt::TeamMember& team) {
+    std::vector<float> scratch;  // this member's normalized rows, or silu(gate) * up
+    const float* rows = nullptr;
+    team.ranges(Q, kGrain, true, wq, D * kBytes,
+                [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, wq, qkv.data(), M, D, Q, i0, i1, norm1);
+                });
+    team.each(plan.items(), [&](int64_t i) {
+      xlrt::attention_item(plan, part.data(), counts, i, attn.data());
+    });
+    team.ranges(D, kGrain, true, wo, NH * kBytes, [] {}, [&](int64_t i0, int64_t i1) {
+      nk_range(attn.data(), wo, x1.data(), M, NH, D, i0, i1, residual1);
+    });
+    team.ranges(2 * F, kGrain, true, wgu, D * kBytes,
+                [&] { rows = xlrt::run_prologue(norm2, x1.data(), M, D, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, wgu, gate_up.data(), M, D, 2 * F, i0, i1, norm2);
+                });
+    team.ranges(D, kGrain, true, wd, F * kBytes,
+                [&] { rows = xlrt::run_prologue(silu, gate_up.data(), M, F, scratch); },
+                [&](int64_t i0, int64_t i1) {
+                  nk_range(rows, wd, y, M, F, D, i0, i1, residual2);
+                });
+  });
+}
+
+template <typename CacheBuf>
 ffi::Error LayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                     ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
-                     ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
-                     ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
-                     ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                     ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> mlp_norm,
+                     const Projections& p, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                      ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_lens,
                      ffi::ResultBuffer<ffi::F32> out, CacheBuf k, CacheBuf v, float* k_scale,
-                     float* v_scale, float eps, float scale, float softcap, int64_t window) {
+                     float* v_scale, bool int8_cache, float eps, float scale, float softcap,
+                     int64_t window) {
   const std::string name = "xlrt_decode_layer";
-  const auto xd = x.dimensions(), qd = w_qkv.dimensions(), od = w_o.dimensions();
-  const auto gd = w_gate_up.dimensions(), dd = w_down.dimensions(), kd = k->dimensions();
+  const auto xd = x.dimensions(), qd = p.qkv.dimensions(), od = p.o.dimensions();
+  const auto gd = p.gate_up.dimensions(), dd = p.down.dimensions(), kd = k->dimensions();
   const auto td = page_table.dimensions();
   if (xd.size() != 2 || qd.size() != 2 || od.size() != 2 || gd.size() != 2 || dd.size() != 2 ||
       kd.size() != 5 || td.size() != 2) {
     return ffi::Error::InvalidArgument(
         name + ": x, w_qkv, w_o, w_gate_up, w_down and page_table must be 2-D and the caches "
         "[L, KVH, P, PS, H]");
+  }
+  const ffi::DataType wt = p.qkv.element_type();
+  if ((wt != ffi::DataType::F32 && wt != ffi::DataType::S8) || p.o.element_type() != wt ||
+      p.gate_up.element_type() != wt || p.down.element_type() != wt) {
+    return ffi::Error::InvalidArgument(
+        name + ": w_qkv, w_o, w_gate_up and w_down must all be float32 or all int8");
   }
   const int64_t M = xd[0], D = xd[1], Q = qd[0], F = dd[1], B = td[0], H = kd[4];
   if (B <= 0 || M % B != 0 || H <= 0 || Q % H != 0) {
@@ -70,66 +157,39 @@ ffi::Error LayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "mlp_norm [D], w_gate_up [2 F, D], w_down [D, F] and out [M, D] (weights [N, K], output "
         "channel first)");
   }
+  const bool int8 = wt == ffi::DataType::S8;
+  const int64_t scales[4] = {p.s_qkv.element_count(), p.s_o.element_count(),
+                             p.s_gate_up.element_count(), p.s_down.element_count()};
+  if (int8 ? scales[0] != Q || scales[1] != D || scales[2] != 2 * F || scales[3] != D
+           : scales[0] || scales[1] || scales[2] || scales[3]) {
+    return ffi::Error::InvalidArgument(
+        name + (int8 ? ": int8 weights need their scales s_qkv [(N + 2 KVH) H], s_o [D], "
+                       "s_gate_up [2 F] and s_down [D]"
+                     : ": float32 weights take empty scales"));
+  }
   if (M == 0) return ffi::Error::Success();
-  std::vector<float> qkv(M * Q), attn(M * NH), x1(M * D), gate_up(M * 2 * F);
-  a.qkv = qkv.data();
   a.cos = cos.typed_data();
   a.sin = sin.typed_data();
-  a.k = k->typed_data();
-  a.v = v->typed_data();
+  a.k = k->untyped_data();
+  a.v = v->untyped_data();
   a.k_scale = k_scale;
   a.v_scale = v_scale;
-  const xlrt::AttentionPlan plan = xlrt::plan_attention(a, std::is_same_v<C, int8_t>);
-  std::vector<float> part(plan.part_floats());
-  xlrt::AttentionCounts counts(plan);
-
-  const float* xp = x.typed_data();
-  float* y = out->typed_data();
-  xlrt::Fusion norm1, norm2, silu, plain, residual1, residual2;
-  norm1.prologue = norm2.prologue = xlrt::kRmsNorm;
-  norm1.weight = attn_norm.typed_data();
-  norm2.weight = mlp_norm.typed_data();
-  norm1.eps = norm2.eps = eps;
-  silu.prologue = xlrt::kSiluMul;
-  residual1.residual = xp;
-  residual2.residual = x1.data();
-  constexpr int64_t kGrain = xlrt::kNkItemRows;
-  const float* wq = w_qkv.typed_data();
-  const float* wo = w_o.typed_data();
-  const float* wgu = w_gate_up.typed_data();
-  const float* wd = w_down.typed_data();
-  xlrt::run_team(pool, pool.num_threads(), [&](xlrt::TeamMember& team) {
-    std::vector<float> scratch;  // this member's normalized rows, or silu(gate) * up
-    const float* rows = nullptr;
-    team.ranges(Q, kGrain, true, wq, D * 4,
-                [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
-                [&](int64_t i0, int64_t i1) {
-                  xlrt::f32_nk_range(rows, wq, qkv.data(), M, D, Q, i0, i1, plain);
-                });
-    team.each(plan.items(), [&](int64_t i) {
-      xlrt::attention_item(plan, part.data(), counts, i, attn.data());
-    });
-    team.ranges(D, kGrain, true, wo, NH * 4, [] {}, [&](int64_t i0, int64_t i1) {
-      xlrt::f32_nk_range(attn.data(), wo, x1.data(), M, NH, D, i0, i1, residual1);
-    });
-    team.ranges(2 * F, kGrain, true, wgu, D * 4,
-                [&] { rows = xlrt::run_prologue(norm2, x1.data(), M, D, scratch); },
-                [&](int64_t i0, int64_t i1) {
-                  xlrt::f32_nk_range(rows, wgu, gate_up.data(), M, D, 2 * F, i0, i1, plain);
-                });
-    team.ranges(D, kGrain, true, wd, F * 4,
-                [&] { rows = xlrt::run_prologue(silu, gate_up.data(), M, F, scratch); },
-                [&](int64_t i0, int64_t i1) {
-                  xlrt::f32_nk_range(rows, wd, y, M, F, D, i0, i1, residual2);
-                });
-  });
+  if (int8) {
+    run_layer<int8_t>(pool, a, int8_cache, x.typed_data(), attn_norm.typed_data(),
+                      mlp_norm.typed_data(), p, eps, out->typed_data(), M, D, Q, NH, F);
+  } else {
+    run_layer<float>(pool, a, int8_cache, x.typed_data(), attn_norm.typed_data(),
+                     mlp_norm.typed_data(), p, eps, out->typed_data(), M, D, Q, NH, F);
+  }
   return ffi::Error::Success();
 }
 
 ffi::Error LayerF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
-                        ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
-                        ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                        ffi::Buffer<ffi::F32> attn_norm, ffi::AnyBuffer w_qkv,
+                        ffi::AnyBuffer w_o, ffi::Buffer<ffi::F32> mlp_norm,
+                        ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
+                        ffi::Buffer<ffi::F32> s_qkv, ffi::Buffer<ffi::F32> s_o,
+                        ffi::Buffer<ffi::F32> s_gate_up, ffi::Buffer<ffi::F32> s_down,
                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                         ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
@@ -137,15 +197,17 @@ ffi::Error LayerF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k,
                         ffi::ResultBuffer<ffi::F32> v, float eps, float scale, float softcap,
                         int64_t window) {
-  return LayerImpl<float>(pool, x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin,
-                          layer, page_table, q_pos, kv_lens, out, k, v, nullptr, nullptr, eps,
-                          scale, softcap, window);
+  const Projections p{w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down};
+  return LayerImpl(pool, x, attn_norm, mlp_norm, p, cos, sin, layer, page_table, q_pos, kv_lens,
+                   out, k, v, nullptr, nullptr, false, eps, scale, softcap, window);
 }
 
 ffi::Error LayerInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::Buffer<ffi::F32> attn_norm, ffi::Buffer<ffi::F32> w_qkv,
-                         ffi::Buffer<ffi::F32> w_o, ffi::Buffer<ffi::F32> mlp_norm,
-                         ffi::Buffer<ffi::F32> w_gate_up, ffi::Buffer<ffi::F32> w_down,
+                         ffi::Buffer<ffi::F32> attn_norm, ffi::AnyBuffer w_qkv,
+                         ffi::AnyBuffer w_o, ffi::Buffer<ffi::F32> mlp_norm,
+                         ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
+                         ffi::Buffer<ffi::F32> s_qkv, ffi::Buffer<ffi::F32> s_o,
+                         ffi::Buffer<ffi::F32> s_gate_up, ffi::Buffer<ffi::F32> s_down,
                          ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                          ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::S8>, ffi::Buffer<ffi::F32>,
                          ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> layer,
@@ -159,20 +221,25 @@ ffi::Error LayerInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                         k_scale->dimensions(), k_scale->element_count(),
                                         v_scale->element_count());
   if (error.failure()) return error;
-  return LayerImpl<int8_t>(pool, x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos,
-                           sin, layer, page_table, q_pos, kv_lens, out, k, v,
-                           k_scale->typed_data(), v_scale->typed_data(), eps, scale, softcap,
-                           window);
+  const Projections p{w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down};
+  return LayerImpl(pool, x, attn_norm, mlp_norm, p, cos, sin, layer, page_table, q_pos, kv_lens,
+                   out, k, v, k_scale->typed_data(), v_scale->typed_data(), true, eps, scale,
+                   softcap, window);
 }
 
-// The layer's float32 operands before the caches: x, attn_norm, w_qkv, w_o, mlp_norm,
-// w_gate_up, w_down, cos, sin.
+// The layer's operands before the caches: x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up,
+// w_down (float32 or int8), s_qkv, s_o, s_gate_up, s_down (the int8 weights' scales, else
+// empty), cos, sin.
 auto LayerHead() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
       .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()

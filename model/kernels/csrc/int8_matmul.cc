@@ -43,7 +43,7 @@
 #define XLRT_VNNI 0
 #endif
 
-#include "parallel.h"
+#include "layer_parts.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(XLRT_FORCE_GENERIC) && \
     (!defined(__AVX512F__) || defined(XLRT_FORCE_AVX2))
@@ -740,7 +740,7 @@ constexpr int64_t kF32Range = 256;  // [K, N]: columns per work item
 constexpr int64_t kRowRangeAvx2 = 96;  // [K, N], few rows, AVX2: columns per work item (12 x 8)
 constexpr int64_t kRowsAvx2 = 4;  // [K, N], AVX2: up to this many rows stream the weight once
 constexpr int64_t kBlockTileAvx2 = 24;  // [K, N], several rows, AVX2: xlrt::avx2::kTileCols
-constexpr int64_t kF32NkTile = 64;  // [N, K]: weight rows per work item
+constexpr int64_t kF32NkTile = xlrt::kInt8NkItemRows;  // [N, K]: weight rows per work item
 constexpr int64_t kLanes = 16;      // partial sums per dot product, one vector register
 
 void f32_kn_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
@@ -770,7 +770,8 @@ void f32_kn_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t 
     std::memcpy(y + m * N + n0, acc.data() + m * width, width * sizeof(float));
 }
 
-#if defined(__AVX512F__) && !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #define XLRT_AVX512 1
 // [K, N] with AVX-512: 64 columns x MB rows of float accumulators in registers; each k widens
 // 64 weight bytes once (4 x 16 floats) and feeds MB rows of FMAs.
@@ -867,43 +868,88 @@ void f32_kn_row_tile_avx512(const float* x, const int8_t* w, float* y, int64_t K
   }
 }
 
-// [N, K] (the LM head): 4 weight rows at a time, 64 k per step (one 64-byte load per row, widened
-// to four vectors of floats), the x row's 64 floats loaded once for the 4 rows; one horizontal
-// sum per output at the end. The same columns of the rows 8 ahead are prefetched: with 16-byte
-// loads and one prefetch per row this path read 4.5 GB/s on an AMD EPYC (docs/PERFORMANCE.md).
+// [N, K], one row: one weight row at a time, so that each thread reads one sequential stream,
+// 64 k per step widened to four vectors of floats, the same multiply-adds in the same order as
+// the several-row path below (one accumulator per output: the same bits). The same bytes of the
+// row 4 ahead are prefetched. In a two-thread read of a [147456, 576] weight this ran at 30 GB/s
+// against 17.7 for 4 rows side by side (a plain read: 32.4; docs/PERFORMANCE.md, session 21).
+void f32_nk_row_avx512(const float* x, const int8_t* w, float* y, int64_t K, int64_t N,
+                       int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    const bool ahead = n + 4 < N;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      const int64_t left = K - k;
+      const __mmask64 mb = left >= 64 ? ~0ULL : ((1ULL << left) - 1);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(wr + 4 * K + k), _MM_HINT_T0);
+      const __m512i bytes = _mm512_maskz_loadu_epi8(mb, wr + k);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t l = left - 16 * i;
+        const __mmask16 mi =
+            l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
+        const __m512 wf =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, i)));
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mi, x + k + 16 * i), wf, acc);
+      }
+    }
+    y[n] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// [N, K], several rows (the LM head of batched decode, or every matmul with int8_weight_layout
+// "nk"): 4 weight rows times a block of up to 6 x rows, 24 accumulators in registers; each 16
+// weight bytes are widened to floats once for the block's rows, and each output gets the
+// multiply-adds of the one-row path in its order (the same bits for a row alone or batched).
+// The same bytes of the rows 8 ahead are prefetched with the first block: with 16-byte loads
+// and one prefetch per row an earlier path read 4.5 GB/s on an AMD EPYC (docs/PERFORMANCE.md).
+template <int MB>
+void f32_nk_block_avx512(const float* x, const int8_t* const rows[4], float* y, int64_t K,
+                         int64_t N, int64_t m0, int64_t n, int64_t nc, bool prefetch) {
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t left = K - k;
+    if (prefetch) {
+      for (int j = 0; j < 4; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 8 * K + k), _MM_HINT_T0);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int64_t l = left - 16 * i;
+      const __mmask16 mi = l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
+      __m512 wf[4];
+      for (int j = 0; j < 4; ++j)
+        wf[j] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mi, rows[j] + k + 16 * i)));
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mi, x + (m0 + m) * K + k + 16 * i);
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_fmadd_ps(xv, wf[j], acc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int64_t j = 0; j < nc; ++j) y[(m0 + m) * N + n + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
 void f32_nk_tile_avx512(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
                         int64_t N, int64_t n0, int64_t n1) {
+  if (M == 1) return f32_nk_row_avx512(x, w, y, K, N, n0, n1);
   for (int64_t n = n0; n < n1; n += 4) {
     const int64_t nc = std::min<int64_t>(4, n1 - n);
     const int8_t* rows[4];
     for (int64_t j = 0; j < 4; ++j) rows[j] = w + (n + std::min<int64_t>(j, nc - 1)) * K;
     const bool ahead = n + 12 <= N;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      __m512 acc[4] = {};  // zeros
-      for (int64_t k = 0; k < K; k += 64) {
-        const int64_t left = K - k;
-        const __mmask64 mb = left >= 64 ? ~0ULL : ((1ULL << left) - 1);
-        __m512 xv[4];
-        for (int i = 0; i < 4; ++i) {
-          const int64_t l = left - 16 * i;
-          const __mmask16 mi =
-              l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
-          xv[i] = _mm512_maskz_loadu_ps(mi, xm + k + 16 * i);
-        }
-        for (int j = 0; j < 4; ++j) {
-          if (m == 0 && ahead) {
-            _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 8 * K + k), _MM_HINT_T0);
-          }
-          const __m512i bytes = _mm512_maskz_loadu_epi8(mb, rows[j] + k);
-          for (int i = 0; i < 4; ++i) {
-            const __m512 wf =
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, i)));
-            acc[j] = _mm512_fmadd_ps(xv[i], wf, acc[j]);
-          }
-        }
+    for (int64_t m0 = 0; m0 < M; m0 += 6) {
+      const bool prefetch = m0 == 0 && ahead;
+      switch (std::min<int64_t>(6, M - m0)) {
+        case 1: f32_nk_block_avx512<1>(x, rows, y, K, N, m0, n, nc, prefetch); break;
+        case 2: f32_nk_block_avx512<2>(x, rows, y, K, N, m0, n, nc, prefetch); break;
+        case 3: f32_nk_block_avx512<3>(x, rows, y, K, N, m0, n, nc, prefetch); break;
+        case 4: f32_nk_block_avx512<4>(x, rows, y, K, N, m0, n, nc, prefetch); break;
+        case 5: f32_nk_block_avx512<5>(x, rows, y, K, N, m0, n, nc, prefetch); break;
+        default: f32_nk_block_avx512<6>(x, rows, y, K, N, m0, n, nc, prefetch); break;
       }
-      for (int64_t j = 0; j < nc; ++j) y[m * N + n + j] = _mm512_reduce_add_ps(acc[j]);
     }
   }
 }
@@ -1090,6 +1136,18 @@ void f32_nk_tile(const float* x, const int8_t* w, float* y, int64_t M, int64_t K
   }
 }
 
+// Outputs n0 .. n1 of every row of x [M, K] against w [N, K], by this build's path.
+void f32_nk_any(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                int64_t n0, int64_t n1) {
+#if XLRT_AVX512
+  f32_nk_tile_avx512(x, w, y, M, K, N, n0, n1);
+#elif XLRT_WO_AVX2
+  f32_nk_tile_avx2(x, w, y, M, K, N, n0, n1);
+#else
+  f32_nk_tile(x, w, y, M, K, N, n0, n1);
+#endif
+}
+
 // y = epilogue(x @ float(w)) for x [M, K] (already through any prologue), w [K, N] or [N, K].
 void f32_int8_matmul(ffi::ThreadPool& pool, const float* xp, const int8_t* wp, float* yp,
                      int64_t M, int64_t K, int64_t N, int64_t transpose_w,
@@ -1103,17 +1161,19 @@ void f32_int8_matmul(ffi::ThreadPool& pool, const float* xp, const int8_t* wp, f
                        : XLRT_WO_AVX2 ? kRowRangeAvx2 : kF32Range;
   parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
+    if (transpose_w) {
+      f32_nk_any(xp, wp, yp, M, K, N, n0, n1);
+      xlrt::run_epilogue(f, yp, M, N, n0, n1);
+      return;
+    }
 #if XLRT_AVX512
-    if (transpose_w) f32_nk_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
-    else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
+    if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_row_tile_avx512(xp, wp, yp, K, N, n0, n1);  // M == 1
 #elif XLRT_WO_AVX2
-    if (transpose_w) f32_nk_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
-    else if (blocked) f32_kn_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
+    if (blocked) f32_kn_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_rows_tile_avx2(xp, wp, yp, M, K, N, n0, n1);  // M <= kRowsAvx2
 #else
-    if (transpose_w) f32_nk_tile(xp, wp, yp, M, K, N, n0, n1);
-    else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
+    f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
 #endif
     xlrt::run_epilogue(f, yp, M, N, n0, n1);
   });
@@ -1165,6 +1225,15 @@ auto MatmulBinding() {
       .template Arg<ffi::Buffer<ffi::S8>>()
       .template Ret<ffi::Buffer<Y>>()
       .template Attr<int64_t>("transpose_w");
+}
+
+void xlrt::int8_nk_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
+                         int64_t N, int64_t n0, int64_t n1, const Fusion& f) {
+  for (int64_t i0 = n0; i0 < n1; i0 += kF32NkTile) {
+    const int64_t i1 = std::min(n1, i0 + kF32NkTile);
+    f32_nk_any(x, w, y, M, K, N, i0, i1);
+    run_epilogue(f, y, M, N, i0, i1);
+  }
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,

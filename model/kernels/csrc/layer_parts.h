@@ -1,6 +1,7 @@
 // The parts of a decoder layer's decode step that decode_layer.cc runs as the steps of one team
 // (parallel.h run_team): declared here, defined beside their own FFI entries in f32_nk.cc (the
-// float32 [N, K] matmul) and paged_attention.cc (attention with RoPE and the cache write).
+// float32 [N, K] matmul), int8_matmul.cc (the weight-only int8 [N, K] one) and
+// paged_attention.cc (attention with RoPE and the cache write).
 #pragma once
 
 #include <atomic>
@@ -22,6 +23,17 @@ constexpr int64_t kNkItemRows = 48;
 // each output summed in that kernel's fixed order.
 void f32_nk_range(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
                   int64_t n0, int64_t n1, const Fusion& f);
+
+// ---- int8_matmul.cc ---------------------------------------------------------------------------
+
+// Weight rows (outputs) per work item of the weight-only int8 [N, K] matmul.
+constexpr int64_t kInt8NkItemRows = 64;
+
+// y[m, n] = x[m] . float(w[n]) for every row m < M and n0 <= n < n1 (w int8 [N, K]), then the
+// epilogue of f on those outputs, in work items of kInt8NkItemRows outputs: what the weight-only
+// matmul's threads run on each tile of a [N, K] weight, each output summed in its fixed order.
+void int8_nk_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                   int64_t n0, int64_t n1, const Fusion& f);
 
 // ---- paged_attention.cc -----------------------------------------------------------------------
 
