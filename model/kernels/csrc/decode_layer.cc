@@ -56,11 +56,28 @@ void run_layer(ffi::ThreadPool& pool, const xlrt::AttentionArgs& args, bool int8
                const float* xp, const float* attn_norm, const float* mlp_norm,
                const Projections& p, float eps, float* y, int64_t M, int64_t D, int64_t Q,
                int64_t NH, int64_t F) {
-  std::vector<float> qkv(M * Q), attn(M * NH), x1(M * D), gate_up(M * 2 * F);
-  xlrt::AttentionArgs a = args;
-  a.qkv = qkv.data();
-  const xlrt::AttentionPlan plan = xlrt::plan_attention(a, int8_cache);
-  std::vector<float> part(plan.part_floats());
+  xlrt::AttentionPlan plan = xlrt::plan_attention(args, int8_cache);
+  // The call's intermediate results, shared by the team: in a buffer of the calling thread kept
+  // from call to call (a heap allocation per call cost several microseconds here), each part
+  // 64-byte aligned as XLA's buffers are (the kernels' vector loads then never split a line).
+  float *qkv, *attn, *x1, *gate_up, *part;
+  {
+    auto padded = [](int64_t n) { return (n + 15) / 16 * 16; };
+    const int64_t sizes[5] = {padded(M * Q), padded(M * NH), padded(M * D), padded(M * 2 * F),
+                              padded(plan.part_floats())};
+    int64_t total = 16;
+    for (int64_t n : sizes) total += n;
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
+    float* at = scratch.data() + (16 - reinterpret_cast<uintptr_t>(scratch.data()) / 4 % 16) % 16;
+    float** parts[5] = {&qkv, &attn, &x1, &gate_up, &part};
+    for (int i = 0; i < 5; ++i) {
+      *parts[i] = at;
+      at += sizes[i];
+    }
+    std::fill(scratch.data(), scratch.data() + total, 0.0f);
+  }
+  plan.a.qkv = qkv;
   xlrt::AttentionCounts counts(plan);
 
   auto scale = [](const ffi::Buffer<ffi::F32>& s) {
@@ -76,7 +93,7 @@ void run_layer(ffi::ThreadPool& pool, const xlrt::AttentionArgs& args, bool int8
   silu.weight = scale(p.s_gate_up);  // gate | up times their scale, as the down call's prologue
   residual1.residual = xp;
   residual1.col_scale = scale(p.s_o);
-  residual2.residual = x1.data();
+  residual2.residual = x1;
   residual2.col_scale = scale(p.s_down);
   constexpr int64_t kGrain = std::is_same_v<W, float> ? xlrt::kNkItemRows : xlrt::kInt8NkItemRows;
   constexpr int64_t kBytes = sizeof(W);
@@ -90,21 +107,21 @@ void run_layer(ffi::ThreadPool& pool, const xlrt::AttentionArgs& args, bool int8
     team.ranges(Q, kGrain, true, wq, D * kBytes,
                 [&] { rows = xlrt::run_prologue(norm1, xp, M, D, scratch); },
                 [&](int64_t i0, int64_t i1) {
-                  nk_range(rows, wq, qkv.data(), M, D, Q, i0, i1, norm1);
+                  nk_range(rows, wq, qkv, M, D, Q, i0, i1, norm1);
                 });
     team.each(plan.items(), [&](int64_t i) {
-      xlrt::attention_item(plan, part.data(), counts, i, attn.data());
+      xlrt::attention_item(plan, part, counts, i, attn);
     });
     team.ranges(D, kGrain, true, wo, NH * kBytes, [] {}, [&](int64_t i0, int64_t i1) {
-      nk_range(attn.data(), wo, x1.data(), M, NH, D, i0, i1, residual1);
+      nk_range(attn, wo, x1, M, NH, D, i0, i1, residual1);
     });
     team.ranges(2 * F, kGrain, true, wgu, D * kBytes,
-                [&] { rows = xlrt::run_prologue(norm2, x1.data(), M, D, scratch); },
+                [&] { rows = xlrt::run_prologue(norm2, x1, M, D, scratch); },
                 [&](int64_t i0, int64_t i1) {
-                  nk_range(rows, wgu, gate_up.data(), M, D, 2 * F, i0, i1, norm2);
+                  nk_range(rows, wgu, gate_up, M, D, 2 * F, i0, i1, norm2);
                 });
     team.ranges(D, kGrain, true, wd, F * kBytes,
-                [&] { rows = xlrt::run_prologue(silu, gate_up.data(), M, F, scratch); },
+                [&] { rows = xlrt::run_prologue(silu, gate_up, M, F, scratch); },
                 [&](int64_t i0, int64_t i1) {
                   nk_range(rows, wd, y, M, F, D, i0, i1, residual2);
                 });
