@@ -315,11 +315,9 @@ ffi::Error F32MatmulNkFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 void xlrt::f32_nk_range(const float* x, const float* w, float* y, int64_t M, int64_t K,
                         int64_t N, int64_t n0, int64_t n1, const Fusion& f) {
-  for (int64_t i0 = n0; i0 < n1; i0 += kItemRows) {
-    const int64_t i1 = std::min(n1, i0 + kItemRows);
+  items_with_epilogue(f, y, M, N, n0, n1, kItemRows, [&](int64_t i0, int64_t i1) {
     nk_item(x, w, y, M, K, N, i0, i1);
-    run_epilogue(f, y, M, N, i0, i1);
-  }
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtF32MatmulNk, F32MatmulNkImpl, xlrt::F32MatmulBinding());

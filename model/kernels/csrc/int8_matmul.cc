@@ -1229,11 +1229,9 @@ auto MatmulBinding() {
 
 void xlrt::int8_nk_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t K,
                          int64_t N, int64_t n0, int64_t n1, const Fusion& f) {
-  for (int64_t i0 = n0; i0 < n1; i0 += kF32NkTile) {
-    const int64_t i1 = std::min(n1, i0 + kF32NkTile);
+  items_with_epilogue(f, y, M, N, n0, n1, kF32NkTile, [&](int64_t i0, int64_t i1) {
     f32_nk_any(x, w, y, M, K, N, i0, i1);
-    run_epilogue(f, y, M, N, i0, i1);
-  }
+  });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlrtInt8Matmul, Int8MatmulImpl,

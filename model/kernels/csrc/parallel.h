@@ -401,6 +401,18 @@ inline void run_epilogue(const Fusion& f, float* y, int64_t M, int64_t N, int64_
   }
 }
 
+// item(i0, i1) over the outputs [n0, n1) in pieces of `rows`, each followed by the epilogue of f
+// on its outputs of y [M, N] while they are in cache: what the [N, K] matmuls run per claim.
+template <typename Item>
+void items_with_epilogue(const Fusion& f, float* y, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                         int64_t rows, const Item& item) {
+  for (int64_t i0 = n0; i0 < n1; i0 += rows) {
+    const int64_t i1 = std::min(n1, i0 + rows);
+    item(i0, i1);
+    run_epilogue(f, y, M, N, i0, i1);
+  }
+}
+
 // The fused entries' shapes and operands after x and w: x [M, Kx] (Kx = K, or 2K for
 // kSiluMul), w [N, K] (nk) or [K, N], y [M, N] (`w_shapes` names w's in the error); then
 // (weight, col_scale, residual), each empty when not used, and the attributes prologue and eps.
