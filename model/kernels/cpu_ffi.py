@@ -602,7 +602,6 @@ def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin
     if bad:
         raise ValueError("decode_layer takes float32 activations and weights all float32 or all "
                          "int8, got " + ", ".join(f"{n} {a.dtype}" for n, a in bad.items()))
-    empty = jnp.zeros((0,), jnp.float32)
     if int8_weights:
         if w_scales is None or len(w_scales) != 4:
             raise ValueError("decode_layer: int8 weights need w_scales = (s_qkv, s_o, s_gate_up, "
@@ -617,7 +616,7 @@ def decode_layer(x, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down, cos, sin
     elif w_scales is not None:
         raise ValueError("decode_layer: w_scales go with int8 weights; these are float32")
     else:
-        scales = (empty,) * 4
+        scales = (jnp.zeros((0,), jnp.float32),) * 4  # float32 weights: no scales
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.float32, jnp.int8):
         raise ValueError(f"decode_layer takes k, v caches of one dtype, float32 or int8; got "
                          f"{k_cache.dtype} and {v_cache.dtype}")

@@ -773,6 +773,11 @@ void f32_kn_range(const float* x, const int8_t* w, float* y, int64_t M, int64_t 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     !defined(XLRT_FORCE_GENERIC) && !defined(XLRT_FORCE_AVX2)
 #define XLRT_AVX512 1
+// The first n of 16 lanes (none for n <= 0, all for n >= 16).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // [K, N] with AVX-512: 64 columns x MB rows of float accumulators in registers; each k widens
 // 64 weight bytes once (4 x 16 floats) and feeds MB rows of FMAs.
 template <int MB>
@@ -801,8 +806,7 @@ void f32_kn_block_avx512(const float* x, const int8_t* w, float* y, int64_t K, i
     for (int j = 0; j < 4; ++j) {
       const int64_t left = width - 16 * j;
       if (left <= 0) break;
-      const __mmask16 mj = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-      _mm512_mask_storeu_ps(yr + 16 * j, mj, acc[m][j]);
+      _mm512_mask_storeu_ps(yr + 16 * j, first_lanes(left), acc[m][j]);
     }
   }
 }
@@ -852,8 +856,7 @@ void f32_kn_row_avx512(const float* x, const int8_t* w, float* y, int64_t K, int
   for (int i = 0; i < 4 * C; ++i) {
     const int64_t left = width - 16 * i;
     if (left <= 0) break;
-    const __mmask16 mi = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    _mm512_mask_storeu_ps(y + n0 + 16 * i, mi, acc[i]);
+    _mm512_mask_storeu_ps(y + n0 + 16 * i, first_lanes(left), acc[i]);
   }
 }
 
@@ -885,9 +888,7 @@ void f32_nk_row_avx512(const float* x, const int8_t* w, float* y, int64_t K, int
       if (ahead) _mm_prefetch(reinterpret_cast<const char*>(wr + 4 * K + k), _MM_HINT_T0);
       const __m512i bytes = _mm512_maskz_loadu_epi8(mb, wr + k);
       for (int i = 0; i < 4; ++i) {
-        const int64_t l = left - 16 * i;
-        const __mmask16 mi =
-            l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
+        const __mmask16 mi = first_lanes(left - 16 * i);
         const __m512 wf =
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, i)));
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mi, x + k + 16 * i), wf, acc);
@@ -916,8 +917,7 @@ void f32_nk_block_avx512(const float* x, const int8_t* const rows[4], float* y, 
         _mm_prefetch(reinterpret_cast<const char*>(rows[j] + 8 * K + k), _MM_HINT_T0);
     }
     for (int i = 0; i < 4; ++i) {
-      const int64_t l = left - 16 * i;
-      const __mmask16 mi = l >= 16 ? 0xFFFF : l <= 0 ? 0 : static_cast<__mmask16>((1u << l) - 1);
+      const __mmask16 mi = first_lanes(left - 16 * i);
       __m512 wf[4];
       for (int j = 0; j < 4; ++j)
         wf[j] = _mm512_cvtepi32_ps(
@@ -1161,19 +1161,15 @@ void f32_int8_matmul(ffi::ThreadPool& pool, const float* xp, const int8_t* wp, f
                        : XLRT_WO_AVX2 ? kRowRangeAvx2 : kF32Range;
   parallel_for(pool, (N + tile - 1) / tile, [&](int64_t i) {
     const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
-    if (transpose_w) {
-      f32_nk_any(xp, wp, yp, M, K, N, n0, n1);
-      xlrt::run_epilogue(f, yp, M, N, n0, n1);
-      return;
-    }
+    if (transpose_w) f32_nk_any(xp, wp, yp, M, K, N, n0, n1);
 #if XLRT_AVX512
-    if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
+    else if (blocked) f32_kn_tile_avx512(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_row_tile_avx512(xp, wp, yp, K, N, n0, n1);  // M == 1
 #elif XLRT_WO_AVX2
-    if (blocked) f32_kn_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
+    else if (blocked) f32_kn_tile_avx2(xp, wp, yp, M, K, N, n0, n1);
     else f32_kn_rows_tile_avx2(xp, wp, yp, M, K, N, n0, n1);  // M <= kRowsAvx2
 #else
-    f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
+    else f32_kn_range(xp, wp, yp, M, K, N, n0, n1);
 #endif
     xlrt::run_epilogue(f, yp, M, N, n0, n1);
   });
